@@ -1,0 +1,32 @@
+# Two commands do all set-up: `make demo` (the whole job on the built-in toy model, offline, CPU) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := offline
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast toy-world clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch from the local wheel cache / index; GPU users may install their own torch first.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m unlearn.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+toy-world: $(STAMP)
+	$(BIN)/python -m unlearn.toy.build
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,24 @@
+"""Pure loss functions and gradient surgery, with explicit tensor arguments."""
+
+from unlearn.losses.diffusion import diffusion_loss
+from unlearn.losses.distances import (
+    cramer_wold_distance,
+    cramer_wold_sets,
+    cw_kernel,
+    js_divergence,
+    l2_distance,
+    silverman_gamma,
+)
+from unlearn.losses.gradient_surgery import concept_preserving_gradient, gradient_conflict_stats
+
+__all__ = [
+    "concept_preserving_gradient",
+    "cramer_wold_distance",
+    "cramer_wold_sets",
+    "cw_kernel",
+    "diffusion_loss",
+    "gradient_conflict_stats",
+    "js_divergence",
+    "l2_distance",
+    "silverman_gamma",
+]

@@ -1,0 +1,5 @@
+from unlearn.models.loading import Components, ModelLoadError, load_components, save_pipeline
+from unlearn.models.sampling import generate
+from unlearn.models.text import encode_prompts
+
+__all__ = ["Components", "ModelLoadError", "load_components", "save_pipeline", "generate", "encode_prompts"]

@@ -1,6 +1,6 @@
 """Build the toy world's models from a seed: tokenizer -> tiny CLIP -> tiny VAE -> tiny UNet -> pipeline folder.
 
-    python -m unlearn.toy.build                 # the shipped weights (about an hour on 2 CPU cores)
+    python -m unlearn.toy.build                 # the shipped weights (~50 min on 2 idle CPU cores)
     python -m unlearn.toy.build --quick --out /tmp/toy   # a smoke-sized rebuild (tests)
 
 Same seed, same torch build and thread count -> the same bytes. The UNet is conditioned on the *trained* CLIP
@@ -30,9 +30,9 @@ MAX_TOKENS = 16
 @dataclass
 class Budget:
     clip_steps: int = 1200
-    vae_steps: int = 2000
-    unet_steps: int = 4000
-    bank: int = 40_000
+    vae_steps: int = 700
+    unet_steps: int = 2800
+    bank: int = 30_000
     clip_batch: int = 256
     vae_batch: int = 16
     unet_batch: int = 32

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny random Stable-Diffusion-format pipeline folder (no weights, network or GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_path(tmp_path_factory):
+    """A random pipeline folder loadable with `load_components`: 16x16 images, 4x8x8 latents, 16-token
+    prompts, a tokenizer whose words are the toy world's (others tokenize byte by byte). Builds in ~1 s."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from unlearn.toy import world
+    from unlearn.toy.tokenizer import write_tokenizer_files
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    words = world.vocabulary() + ["painting", "dog", "snoopy"]
+    tok = CLIPTokenizer.from_pretrained(write_tokenizer_files(root / "tok", words),
+                                        model_max_length=TINY_MAX_TOKENS)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=TINY_MAX_TOKENS, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.eos_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                          steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipeline", safe_serialization=True)
+    return root / "pipeline"

@@ -1,0 +1,105 @@
+"""A concept to erase, read from one small YAML (`conf/concept/<name>.yaml`); no code per concept.
+
+    name, kind (style | instance | nudity), anchor, target, anchor_prompts (a prompt-set spec: prompts.py),
+    derive {mode, suffix, word, replacement} (see derive.py), neighbours (concept names to preserve),
+    implicit_prompts (prompts that should be erased too, e.g. "The Starry Night").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from unlearn.data.derive import MODES, derive_target_prompts
+from unlearn.data.prompts import SET_SIZE, load_prompt_set
+
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "concept"
+KINDS = ("style", "instance", "nudity")
+DERIVE_KEYS = ("mode", "suffix", "word", "replacement")
+
+
+class ConceptError(ValueError):
+    """A concept config that is unknown or malformed; the message names it."""
+
+
+@dataclass
+class Concept:
+    name: str
+    kind: str
+    anchor: str
+    target: str
+    anchor_prompts: str
+    derive: dict  # {mode, suffix, word, replacement}: the keyword arguments of derive_target_prompts
+    neighbours: list[str]
+    implicit_prompts: list[str]
+    conf_dir: Path = field(default=CONF_DIR, repr=False, compare=False)
+
+    def prompts(self, n: int | None = SET_SIZE) -> list[str]:
+        return load_prompt_set(self.anchor_prompts, n)
+
+    def pairs(self, n: int | None = SET_SIZE) -> list[tuple[str, str]]:
+        """(anchor, target) prompt pairs from the first n anchor prompts (fewer if `replace` drops some)."""
+        return derive_target_prompts(self.prompts(n), **self.derive)
+
+    def neighbour_concepts(self) -> list[Concept]:
+        return [load_concept(n, conf_dir=self.conf_dir) for n in self.neighbours]
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "conf_dir"}
+
+
+def known_concepts(conf_dir: str | Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(conf_dir).glob("*.yaml"))
+
+
+def load_concept(name_or_cfg: Any, conf_dir: str | Path | None = None) -> Concept:
+    """A Concept from a name (conf/concept/<name>.yaml), a DictConfig/dict of the schema, or a Concept."""
+    conf_dir = Path(conf_dir) if conf_dir is not None else CONF_DIR
+    if isinstance(name_or_cfg, Concept):
+        return name_or_cfg
+    if isinstance(name_or_cfg, (str, Path)):
+        name = str(name_or_cfg)
+        path = conf_dir / f"{name}.yaml"
+        if not path.exists():
+            known = ", ".join(known_concepts(conf_dir))
+            raise ConceptError(f"unknown concept {name!r}: no {path}; known: {known}")
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        source = str(path)
+    else:
+        from omegaconf import DictConfig, OmegaConf
+
+        raw = OmegaConf.to_container(name_or_cfg, resolve=True) if isinstance(name_or_cfg, DictConfig) \
+            else dict(name_or_cfg)
+        source = f"concept config {raw.get('name', '?')!r}"
+    return _validate(raw, source, conf_dir)
+
+
+def _validate(raw: dict, source: str, conf_dir: Path) -> Concept:
+    if not isinstance(raw, dict):
+        raise ConceptError(f"{source}: expected a mapping, got {type(raw).__name__}")
+    expected = [f.name for f in fields(Concept) if f.name != "conf_dir"]
+    missing = [k for k in expected if k not in raw]
+    extra = [k for k in raw if k not in expected]
+    if missing or extra:
+        raise ConceptError(f"{source}: missing keys {missing}, unknown keys {extra} (schema: {expected})")
+    if raw["kind"] not in KINDS:
+        raise ConceptError(f"{source}: kind {raw['kind']!r} is not one of {KINDS}")
+    derive = raw["derive"]
+    if not isinstance(derive, dict) or derive.get("mode") not in MODES or set(derive) - set(DERIVE_KEYS):
+        raise ConceptError(f"{source}: derive must be a mapping with mode in {MODES} and keys {DERIVE_KEYS}, "
+                           f"got {derive!r}")
+    derive = {k: derive.get(k) for k in DERIVE_KEYS}
+    if derive["mode"] == "suffix" and not derive["suffix"]:
+        raise ConceptError(f"{source}: derive mode suffix needs `suffix`")
+    if derive["mode"] == "replace" and not (derive["word"] and derive["replacement"]):
+        raise ConceptError(f"{source}: derive mode replace needs `word` and `replacement`")
+    for key in ("neighbours", "implicit_prompts"):
+        if not isinstance(raw[key], list):
+            raise ConceptError(f"{source}: {key} must be a list, got {raw[key]!r}")
+    return Concept(name=str(raw["name"]), kind=raw["kind"], anchor=str(raw["anchor"]),
+                   target=str(raw["target"]), anchor_prompts=str(raw["anchor_prompts"]), derive=derive,
+                   neighbours=[str(n) for n in raw["neighbours"]],
+                   implicit_prompts=[str(p) for p in raw["implicit_prompts"]], conf_dir=conf_dir)

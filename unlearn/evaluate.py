@@ -1,0 +1,47 @@
+"""python -m unlearn.evaluate concept=<c> model=<m> [+candidates=[<pipeline folder or hub id>, ...]]
+
+Measures the model config's pipeline (`model.path`, "original") and then each candidate (e.g. the `pipeline/`
+folder of a training run, or several methods' folders side by side) on the concept and its neighbours; FID and
+directional CLIP compare each candidate with the original on the same prompts and seeds. Writes metrics.json,
+table.md/.csv and grids to the run folder and prints the table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from unlearn.models.loading import ModelLoadError, load_components
+
+
+def run(cfg: DictConfig) -> dict:
+    out = Path(cfg.paths.run_dir) / "eval"
+    evaluator = instantiate(cfg.eval, concept=cfg.concept, model_cfg=cfg.model, out_dir=out)
+    original = load_components(cfg.model.path, revision=cfg.model.revision, dtype=cfg.model.dtype)
+    evaluator.measure("original", original)
+    for i, path in enumerate(cfg.get("candidates") or []):
+        unet = load_components(path, dtype=cfg.model.dtype).unet
+        label = Path(str(path)).parent.parent.name if Path(str(path)).name == "pipeline" else str(path)
+        evaluator.measure(label if label not in evaluator.results else f"{label}#{i}", original, unet=unet)
+    loggers = [instantiate(c) for c in cfg.logger] if cfg.logger else []
+    payload = evaluator.report(loggers=loggers)
+    for lg in loggers:
+        lg.finalize("success")
+    return payload
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

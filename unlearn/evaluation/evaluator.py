@@ -1,0 +1,183 @@
+"""Measure a concept and its neighbours on the original model and on unlearned ones.
+
+For each concept (the target first, then its neighbours) the evaluation prompts are (anchor, target) pairs: the
+concept's anchor prompt set (`prompts: anchor_set`, the toy world) or the 80 CLIP ImageNet templates filled with
+the anchor (`prompts: templates`, real models), each turned into a target prompt by the concept's own derivation.
+Images come from the target prompts with fixed seeds, so the same (prompt, seed) is compared before and after:
+
+- CS: CLIP score of image vs target prompt (convention in `cs_convention`);
+- CA: share of images closer to the target prompt than to its anchor prompt;
+- FID: unlearned vs original images of the same prompts and seeds (features named in the output);
+- dCLIP: directional CLIP of the (before -> after) image edit against the (target -> anchor) text direction.
+Implicit prompts (e.g. "The Starry Night") get CS only. Every setting is written next to the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from unlearn.data.concepts import load_concept
+from unlearn.data.derive import derive_target_prompts
+from unlearn.evaluation.table import format_table, write_csv
+from unlearn.metrics import CLIPAccuracy, CLIPScore, DirectionalCLIP
+from unlearn.metrics.clip_model import ClipEncoder
+from unlearn.metrics.fid import make_fid
+from unlearn.metrics.templates import IMAGENET_TEMPLATES, expand
+from unlearn.models.sampling import generate
+
+log = logging.getLogger("unlearn.evaluate")
+TOY_CLIP = Path(__file__).resolve().parent.parent / "toy" / "weights" / "clip"
+
+
+class Evaluator:
+    def __init__(self, concept, model_cfg, out_dir, clip: str | None = None, prompts: str = "anchor_set",
+                 num_prompts: int = 16, images_per_prompt: int = 2, seed: int = 100_000, batch_size: int = 32,
+                 neighbours: bool = True, implicit: bool = True, cs_convention: str = "clipscore",
+                 fid_feature: str = "clip", grid_images: int = 16, conf_dir: str | None = None):
+        self.concept = load_concept(concept, conf_dir=conf_dir) if conf_dir else load_concept(concept)
+        self.model_cfg = model_cfg
+        self.out_dir = Path(out_dir)
+        clip = clip or model_cfg.get("clip", "toy")
+        self.clip_source = str(TOY_CLIP) if clip == "toy" else clip
+        self.settings = dict(prompts=prompts, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
+                             seed=seed, cs_convention=cs_convention, fid_feature=fid_feature,
+                             clip=self.clip_source, sample_steps=model_cfg.sample_steps,
+                             guidance_scale=model_cfg.guidance_scale)
+        self.batch_size = batch_size
+        self.grid_images = grid_images
+        self.concepts = [self.concept] + (list(self.concept.neighbour_concepts()) if neighbours else [])
+        self.implicit = list(self.concept.implicit_prompts) if implicit else []
+        self._encoder = None
+        self.results: dict[str, dict] = {}
+        self.images: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def encoder(self) -> ClipEncoder:
+        if self._encoder is None:
+            self._encoder = ClipEncoder.from_pretrained(self.clip_source)
+        return self._encoder
+
+    # ------------------------------------------------------------------ prompts
+    def pairs(self, concept) -> list[tuple[str, str]]:
+        n = self.settings["num_prompts"]
+        if self.settings["prompts"] == "templates":
+            anchors = expand(IMAGENET_TEMPLATES, concept.anchor)[:n]
+            d = concept.derive
+            return derive_target_prompts(anchors, d["mode"], suffix=d.get("suffix"), word=d.get("word"),
+                                         replacement=d.get("replacement"))
+        if self.settings["prompts"] == "anchor_set":
+            return concept.pairs(n)
+        raise ValueError(f"unknown eval prompts={self.settings['prompts']!r}; choose anchor_set or templates")
+
+    def _jobs(self, concept) -> tuple[list[str], list[str], list[int]]:
+        k, s0 = self.settings["images_per_prompt"], self.settings["seed"]
+        pairs = [p for p in self.pairs(concept) for _ in range(k)]
+        return [a for a, _ in pairs], [t for _, t in pairs], [s0 + i for i in range(len(pairs))]
+
+    # ------------------------------------------------------------------ generation (cached per label/concept)
+    def _generate(self, label: str, key: str, components, unet, prompts: list[str], seeds: list[int]):
+        path = self.out_dir / "images" / label / f"{key}.safetensors"
+        if path.exists():
+            return load_file(path)["images"]
+        from tqdm.auto import tqdm
+
+        out = []
+        for i in tqdm(range(0, len(prompts), self.batch_size), desc=f"eval {label}/{key}", leave=False):
+            out.append(generate(components, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size], unet=unet,
+                                steps=self.settings["sample_steps"],
+                                guidance_scale=self.settings["guidance_scale"]).cpu())
+        images = torch.cat(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"images": images.contiguous()}, tmp)
+        tmp.rename(path)
+        return images
+
+    # ------------------------------------------------------------------ metrics
+    @torch.no_grad()
+    def measure(self, label: str, components, unet=None) -> dict:
+        """Generate and score every concept with `unet` (default: the components' own)."""
+        enc = self.encoder
+        per_concept, self.images[label] = {}, {}
+        original = self.images.get("original")
+        for concept in self.concepts:
+            anchors, targets, seeds = self._jobs(concept)
+            images = self._generate(label, concept.name, components, unet, targets, seeds)
+            self.images[label][concept.name] = images
+            cs, ca = CLIPScore(enc, convention=self.settings["cs_convention"]), CLIPAccuracy(enc)
+            cs.update(images, targets)
+            ca.update(images, targets, anchors)
+            row = {"cs": cs.compute().item(), "ca": 100 * ca.compute().item()}
+            if original is not None and label != "original":
+                before = original[concept.name]
+                fid = make_fid(self.settings["fid_feature"], enc)
+                fid.update(before, real=True)
+                fid.update(images, real=False)
+                row["fid"] = fid.compute().item()
+                d = DirectionalCLIP(enc)
+                d.update(before, images, anchors, targets)
+                row["directional"] = d.compute().item()
+            per_concept[concept.name] = row
+        if self.implicit:
+            seeds = [self.settings["seed"] + i for i in range(len(self.implicit))]
+            images = self._generate(label, "implicit", components, unet, self.implicit, seeds)
+            cs = CLIPScore(enc, convention=self.settings["cs_convention"])
+            cs.update(images, self.implicit)
+            per_concept["implicit"] = {"cs": cs.compute().item()}
+        self.results[label] = per_concept
+        log.info("%s: %s", label, json.dumps(per_concept))
+        return per_concept
+
+    # ------------------------------------------------------------------ outputs
+    def grids(self) -> dict[str, Path]:
+        """One before/after grid per concept: a row of images per measured model, same prompts and seeds."""
+        from unlearn.utils.grid import save_grid
+
+        paths = {}
+        for concept in self.concepts:
+            rows = [imgs[concept.name][: self.grid_images] for imgs in self.images.values() if concept.name in imgs]
+            if not rows:
+                continue
+            n = min(len(r) for r in rows)
+            path = self.out_dir / f"grid_{concept.name}.png"
+            save_grid(torch.cat([r[:n] for r in rows]), path, nrow=n, labels=list(self.images))
+            paths[concept.name] = path
+        return paths
+
+    def report(self, loggers=()) -> dict:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        table = format_table(self.results, self.concept.name)
+        fid_name = make_fid(self.settings["fid_feature"], self.encoder).feature_name \
+            if self.settings["fid_feature"] == "clip" else "inception"
+        payload = {"concept": self.concept.name, "settings": {**self.settings, "fid_features": fid_name},
+                   "results": self.results}
+        (self.out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+        (self.out_dir / "table.md").write_text(table + "\n")
+        write_csv(self.results, self.concept.name, self.out_dir / "table.csv")
+        grids = self.grids()
+        print(f"\n{self.concept.name}  (settings: {json.dumps(payload['settings'])})\n{table}\n")
+        for lg in loggers or ():
+            _log_to(lg, self.results, table, grids)
+        return payload
+
+
+def _log_to(logger, results: dict, table: str, grids: dict[str, Path]) -> None:
+    flat = {f"eval/{label}/{c}/{m}": v for label, per in results.items() for c, ms in per.items()
+            for m, v in ms.items()}
+    logger.log_metrics(flat)
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(logger, WandbLogger):
+        import wandb
+        from unlearn.evaluation.table import table_rows
+
+        header, rows = table_rows(results, next(iter(next(iter(results.values())))))
+        logger.experiment.log({"eval/table": wandb.Table(columns=header, data=rows),
+                               **{f"eval/grid/{c}": wandb.Image(str(p)) for c, p in grids.items()}})

@@ -1,0 +1,51 @@
+"""The seeds' table layout: rows = model/method, columns = concept x {CS, CA, FID}, with the better direction."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+# (metric key, column title, arrow shown for the *target* concept; neighbours want the opposite for CS/CA).
+COLUMNS = (("cs", "CS"), ("ca", "CA"), ("fid", "FID"), ("directional", "dCLIP"))
+
+
+def _arrow(metric: str, is_target: bool) -> str:
+    if metric == "fid":
+        return "↑" if is_target else "↓"
+    if metric == "directional":
+        return "↑" if is_target else ""
+    return "↓" if is_target else "↑"
+
+
+def table_rows(results: dict, target: str) -> tuple[list[str], list[list[str]]]:
+    """results[label][concept][metric] -> header and rows (concepts in first-seen order, target first)."""
+    concepts = []
+    for per_model in results.values():
+        for c in per_model:
+            if c not in concepts:
+                concepts.append(c)
+    concepts.sort(key=lambda c: c != target)
+    metrics = [m for m, _ in COLUMNS if any(m in results[l].get(c, {}) for l in results for c in concepts)]
+    header = ["model"] + [f"{c} {dict(COLUMNS)[m]}{_arrow(m, c == target)}" for c in concepts for m in metrics]
+    rows = []
+    for label, per_model in results.items():
+        row = [label]
+        for c in concepts:
+            for m in metrics:
+                v = per_model.get(c, {}).get(m)
+                row.append("–" if v is None else f"{v:.2f}")
+        rows.append(row)
+    return header, rows
+
+
+def format_table(results: dict, target: str) -> str:
+    header, rows = table_rows(results, target)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(results: dict, target: str, path: Path) -> None:
+    header, rows = table_rows(results, target)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])

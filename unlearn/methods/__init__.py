@@ -1,0 +1,1 @@
+"""One LightningModule per unlearning method; each has one conf/method/<name>.yaml."""

@@ -1,0 +1,110 @@
+"""What every unlearning method shares: the model parts, which UNet weights train, noising, export.
+
+A method subclasses `UnlearnModule` and writes `training_step`; "steps" are training iterations (Lightning's
+global_step counts optimizer steps, twice per iteration when two optimizers step).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from unlearn.models.loading import Components, save_pipeline
+
+TRAINABLE = {
+    "all": lambda name: True,
+    "cross_attn": lambda name: "attn2." in name,
+    "cross_attn_kv": lambda name: "attn2.to_k" in name or "attn2.to_v" in name,
+    "non_cross_attn": lambda name: "attn2." not in name,  # ESD-u's choice
+}
+
+
+def select_trainable(unet: torch.nn.Module, trainable: str) -> list[str]:
+    """Freeze the UNet but for the parameters `trainable` names; returns their names."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"unknown trainable={trainable!r}; choose one of {sorted(TRAINABLE)}")
+    keep = TRAINABLE[trainable]
+    names = []
+    for name, p in unet.named_parameters():
+        p.requires_grad_(keep(name))
+        if keep(name):
+            names.append(name)
+    if not names:
+        raise ValueError(f"trainable={trainable!r} selects no parameter of this UNet")
+    return names
+
+
+class UnlearnModule(L.LightningModule):
+    def __init__(self, components: Components, name: str, steps: int, trainable: str = "all",
+                 frozen_copy: bool = False, log_every: int = 10):
+        super().__init__()
+        self.components = components
+        self.method_name = name
+        self.steps = int(steps)
+        self.log_every = log_every
+        self.unet = components.unet
+        self.unet.train()
+        self.trainable_names = select_trainable(self.unet, trainable)
+        # The original model, frozen, for methods whose targets come from it (ESD, SDD teacher init, DoCo).
+        self.original = copy.deepcopy(self.unet).requires_grad_(False).eval() if frozen_copy else None
+        self.scheduler = components.scheduler
+        self.register_buffer("alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.strict_loading = False  # checkpoints keep only what trains
+        self._t0 = None
+
+    # ------------------------------------------------------------------ helpers
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def noise(self, latents: torch.Tensor, t: torch.Tensor | None = None):
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, t uniform over the training schedule."""
+        if t is None:
+            t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), device=latents.device)
+        eps = torch.randn_like(latents)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * latents + (1 - a).sqrt() * eps, eps, t
+
+    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def eps(self, unet, x_t, t, emb):
+        return unet(x_t, t, encoder_hidden_states=emb).sample
+
+    # ------------------------------------------------------------------ loop bookkeeping
+    def advance(self) -> None:
+        """Count one iteration; stop the trainer after `steps` of them; log throughput."""
+        self.iteration += 1
+        it = int(self.iteration)
+        if self._t0 is None:
+            self._t0 = (time.perf_counter(), it)
+        elif it % self.log_every == 0:
+            t0, i0 = self._t0
+            self.log("perf/steps_per_s", (it - i0) / (time.perf_counter() - t0), prog_bar=True)
+        self.log("iteration", float(it))
+        if it >= self.steps:
+            self.trainer.should_stop = True
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if int(self.iteration) >= self.steps:  # resumed after the last step: nothing left to do
+            self.trainer.should_stop = True
+            return -1
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen weights are re-read from the model folder; a checkpoint holds only what training changes.
+        keep = {f"unet.{n}" for n in self.trainable_names}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in keep or not k.startswith(("unet.", "original.", "components."))}
+
+    def export(self, folder: str | Path) -> Path:
+        """The deliverable: a folder StableDiffusionPipeline.from_pretrained loads."""
+        return save_pipeline(self.components, folder, unet=self.export_unet())
+
+    def export_unet(self):
+        return self.unet

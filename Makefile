@@ -20,10 +20,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m unlearn.demo
+	$(BIN)/python -m unlearn.train experiment=toy_cdc_cpg run_name=demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 toy-world: $(STAMP)
 	$(BIN)/python -m unlearn.toy.build

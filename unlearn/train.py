@@ -16,6 +16,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from unlearn.data.concepts import ConceptError
+from unlearn.data.datamodule import CacheMismatchError
+from unlearn.data.prompts import PromptSetError
 from unlearn.models.loading import ModelLoadError, load_components
 
 log = logging.getLogger("unlearn.train")
@@ -59,8 +62,8 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except ModelLoadError as e:
-        # Nothing half-written: a run that could not even load its model leaves no run folder behind.
+    except (ModelLoadError, PromptSetError, ConceptError, CacheMismatchError) as e:
+        # Nothing half-written: a run that failed before training leaves no run folder behind.
         run_dir = Path(cfg.paths.run_dir)
         if run_dir.exists() and not any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
             shutil.rmtree(run_dir)

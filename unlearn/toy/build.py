@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,9 @@ def build(out: Path, budget: Budget, seed: int = 0, stages: tuple[str, ...] = ("
                                    scheduler=scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out / "pipeline")
+    for folder in (out / "pipeline" / "tokenizer", out / "clip"):  # slow-tokenizer files too (transformers 4)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(out / "tokenizer" / name, folder / name)
     (out / "build.json").write_text(json.dumps({"seed": seed, "budget": budget.__dict__,
                                                 "torch": torch.__version__, "threads": torch.get_num_threads()}))
     log(f"saved {out}")

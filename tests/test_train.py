@@ -46,7 +46,7 @@ def test_experiments_compose(tmp_path):
 def tiny_run(tmp_path, pipeline, *overrides):
     from unlearn.train import run
 
-    cfg = make_cfg(tmp_path, f"model.path={pipeline}", "method.steps=3", "method.warmup_steps=1",
+    cfg = make_cfg(tmp_path, f"model.path={pipeline}", "method.steps=3",
                    "data.num_prompts=2", "data.images_per_prompt=2", "data.batch_size=2", "data.gen_batch_size=2",
                    "model.sample_steps=2", "model.guidance_scale=3.0", "evaluate=false", "logger=none",
                    "trainer=cpu", "trainer.enable_progress_bar=false", "+checkpoint_every=2", *overrides)
@@ -59,7 +59,8 @@ def test_sd14_code_path_wires_exactly_as_toy(tmp_path, tiny_pipeline_path):
 
     out = {}
     for model in ("sd14", "toy"):
-        res = tiny_run(tmp_path / model, tiny_pipeline_path, f"model={model}", "concept=van_gogh", "method=cdc_cpg")
+        res = tiny_run(tmp_path / model, tiny_pipeline_path, f"model={model}", "concept=van_gogh", "method=cdc_cpg",
+                       "method.warmup_steps=1")
         pipe = StableDiffusionPipeline.from_pretrained(res["pipeline"])
         out[model] = pipe.unet.state_dict()
         assert (Path(res["pipeline"]).parent / "checkpoints" / "last.ckpt").exists()

@@ -1,0 +1,61 @@
+"""The evaluator: numbers, table, grids, and the W&B offline run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from unlearn.evaluation import Evaluator, format_table
+from unlearn.models import load_components
+from unlearn.toy.build import WEIGHTS
+
+MODEL = OmegaConf.create({"clip": "toy", "sample_steps": 2, "guidance_scale": 3.0})
+pytestmark = pytest.mark.skipif(not (WEIGHTS / "clip").exists(), reason="toy weights not built")
+
+
+def small_evaluator(out: Path, **kw) -> Evaluator:
+    return Evaluator("toy_ring", MODEL, out, num_prompts=2, images_per_prompt=2, implicit=False, **kw)
+
+
+def test_table_layout_and_arrows():
+    res = {"original": {"t": {"cs": 70.0, "ca": 95.0}, "n": {"cs": 71.0, "ca": 90.0}},
+           "m": {"t": {"cs": 60.0, "ca": 10.0, "fid": 5.0}, "n": {"cs": 70.5, "ca": 88.0, "fid": 1.0}}}
+    table = format_table(res, "t").splitlines()
+    assert table[0].startswith("| model | t CS↓ | t CA↓ | t FID↑ | n CS↑ | n CA↑ | n FID↓")
+    assert table[3].split(" | ")[3] == "5.00" and "–" in table[2]
+
+
+def test_measure_report_and_wandb_offline(tmp_path, tiny_pipeline_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    comps = load_components(str(tiny_pipeline_path))
+    ev = small_evaluator(tmp_path / "eval", neighbours=False)
+    ev.measure("original", comps)
+    after = ev.measure("edited", comps, unet=comps.unet)
+    assert abs(after["toy_ring"]["fid"]) < 1e-3  # same model, same prompts and seeds -> same images
+    logger = WandbLogger(project="unlearn-test", save_dir=str(tmp_path), offline=True)
+    payload = ev.report(loggers=[logger])
+    logger.experiment.finish()
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["results"]["edited"]["toy_ring"]["ca"] == payload["results"]["edited"]["toy_ring"]["ca"]
+    assert saved["settings"]["cs_convention"] == "clipscore" and "clip:" in saved["settings"]["fid_features"]
+    assert (tmp_path / "eval" / "grid_toy_ring.png").exists()
+    files = [p.relative_to(tmp_path).as_posix() for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
+    assert any(f.endswith(".wandb") for f in files), files
+    assert any("media/table" in f and f.endswith(".table.json") for f in files), files
+    assert any("media/images" in f and f.endswith(".png") for f in files), files
+
+
+def test_regenerating_reuses_the_cached_images(tmp_path, tiny_pipeline_path, monkeypatch):
+    import unlearn.evaluation.evaluator as ev_mod
+
+    comps = load_components(str(tiny_pipeline_path))
+    first = small_evaluator(tmp_path, neighbours=False).measure("original", comps)
+    monkeypatch.setattr(ev_mod, "generate", lambda *a, **k: pytest.fail("generated again"))
+    assert small_evaluator(tmp_path, neighbours=False).measure("original", comps) == first
+    assert os.path.exists(tmp_path / "images" / "original" / "toy_ring.safetensors")

@@ -37,7 +37,11 @@ def collect(roots: list[Path]) -> tuple[dict, str]:
             results[key] = per
     if target is None:
         raise SystemExit(f"no eval/metrics.json under {', '.join(map(str, roots))}")
-    return results, target
+    # Keep only what differs between rows: a sweep's shared overrides say nothing about a row.
+    runs = [k for k in results if k != "original"]
+    shared = set.intersection(*(set(k.split()) for k in runs)) if len(runs) > 1 else set()
+    relabel = {k: " ".join(o for o in k.split() if o not in shared) or k for k in runs}
+    return {relabel.get(k, k): v for k, v in results.items()}, target
 
 
 def main(argv=None) -> None:

@@ -47,7 +47,8 @@ class SelfDistill(UnlearnModule):
                  weight_decay: float = 1e-4, max_grad_norm: float | None = 1.0, trainable: str = "cross_attn",
                  latents: str = "teacher", sample_steps: int = 50, guidance_scale: float = 3.0,
                  prompt_source: str = "target_prompts", concept_text: str | None = None,
-                 concept_target: str | list[str] | None = None, sample_every: int = 0, log_every: int = 10):
+                 concept_target: str | list[str] | None = None, sample_every: int = 0, log_every: int = 10,
+                 loss_weight: float = 1.0):
         for value, allowed, key in ((loss, LOSSES, "loss"), (latents, LATENTS, "latents"),
                                     (prompt_source, PROMPT_SOURCES, "prompt_source")):
             if value not in allowed:
@@ -140,7 +141,9 @@ class SelfDistill(UnlearnModule):
         with torch.no_grad():  # sg(.): the target is the student's own unconditional answer
             e_0 = self.eps(self.unet, z_t, t, uncond)
         e_s = self.eps(self.unet, z_t, t, c_s)
-        loss = self.distance(e_s, e_0)
+        # CW's squared distance between near-identical 4-channel latent sets is ~1e-4: its gradients can fall under
+        # Adam's eps, which then damps every step; a weight lifts them above it (Adam is otherwise scale-free).
+        loss = self.hparams.loss_weight * self.distance(e_s, e_0)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.advance()
         return loss

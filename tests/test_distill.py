@@ -14,42 +14,11 @@ from unlearn.methods.ema import ema_update
 from unlearn.models import encode_prompts, generate, load_components
 from unlearn.models.sampling import initial_latents, sample_until
 
-MAX_TOKENS = 8
 PROMPTS = ["a red circle", "a blue square"]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def tiny_pipeline_path(tmp_path_factory):
-    """A random Stable-Diffusion-format folder: 8x8x4 latents, 16x16 images, 8-token prompts."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from unlearn.toy.tokenizer import write_tokenizer_files
-
-    root = tmp_path_factory.mktemp("tiny")
-    words = sorted({w for p in PROMPTS + ["nudity"] for w in p.split()})
-    tok = CLIPTokenizer.from_pretrained(write_tokenizer_files(root / "tok", words), model_max_length=MAX_TOKENS)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=MAX_TOKENS, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-        pad_token_id=tok.eos_token_id))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                          beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "pipeline", safe_serialization=True)
-    return root / "pipeline"
-
-
+# `tiny_pipeline_path` (a random SD-format folder) comes from conftest.py.
 @pytest.fixture
 def components(tiny_pipeline_path):
     return load_components(str(tiny_pipeline_path))

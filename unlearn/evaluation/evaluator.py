@@ -39,7 +39,7 @@ class Evaluator:
                  num_prompts: int = 16, images_per_prompt: int = 2, seed: int = 100_000, batch_size: int = 32,
                  neighbours: bool = True, implicit: bool = True, cs_convention: str = "clipscore",
                  fid_feature: str = "clip", grid_images: int = 16, conf_dir: str | None = None):
-        self.concept = load_concept(concept, conf_dir=conf_dir) if conf_dir else load_concept(concept)
+        self.concept = load_concept(concept, conf_dir=conf_dir)
         self.model_cfg = model_cfg
         self.out_dir = Path(out_dir)
         clip = clip or model_cfg.get("clip", "toy")

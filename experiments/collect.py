@@ -1,8 +1,11 @@
 """Gather the eval/metrics.json of a multirun (or any runs) into one table: the original once, one row per run.
 
     python experiments/collect.py outputs/multirun/<time> [--out table.md]
+    python experiments/collect.py outputs/multirun/<time> --pivot method.loss [--metric ca]
 
-Row labels are the run's Hydra overrides (e.g. `method.retain=cpg`), so a sweep reads as the paper's ablation table.
+Row labels are the run's Hydra overrides (e.g. `method.retain=cpg`), so a sweep reads as the paper's ablation table;
+rows measured during training (`eval_every=N`) get ` @<iteration>`. `--pivot KEY` lays the same numbers out as
+iterations x values of KEY (the robust-erasure paper's Table 1: steps x loss), each cell "target (worst neighbour)".
 """
 
 from __future__ import annotations
@@ -16,41 +19,90 @@ import yaml
 from unlearn.evaluation.table import format_table
 
 
-def label_of(run_dir: Path) -> str:
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    if overrides.exists():
-        items = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith(("hydra", "paths"))]
-        if items:
-            return " ".join(items)
-    return run_dir.name
+def run_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    items = (yaml.safe_load(path.read_text()) or []) if path.exists() else []
+    return [o for o in items if not o.startswith(("hydra", "paths"))]
 
 
-def collect(roots: list[Path]) -> tuple[dict, str]:
-    results, target = {}, None
+def run_steps(run_dir: Path) -> int | None:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return None
+    return (yaml.safe_load(path.read_text()).get("method") or {}).get("steps")
+
+
+def gather(roots: list[Path]) -> tuple[list[dict], str]:
+    """One record per measured model: its run's overrides, the iteration it was measured at, its results."""
+    records, target = [], None
     for path in sorted(p for r in roots for p in r.rglob("eval/metrics.json")):
         payload = json.loads(path.read_text())
         target = target or payload["concept"]
+        run_dir = path.parent.parent
         for label, per in payload["results"].items():
-            key = "original" if label == "original" else label_of(path.parent.parent)
-            if key == "original" and key in results:
-                continue
-            results[key] = per
+            if label == "original":
+                step, overrides = 0, []
+            elif "@" in label:
+                step, overrides = int(label.rsplit("@", 1)[1]), run_overrides(run_dir)
+            else:
+                step, overrides = run_steps(run_dir), run_overrides(run_dir)
+            records.append({"run": run_dir.name, "overrides": overrides, "step": step, "final": "@" not in label,
+                            "original": label == "original", "results": per})
     if target is None:
         raise SystemExit(f"no eval/metrics.json under {', '.join(map(str, roots))}")
+    return records, target
+
+
+def collect(roots: list[Path]) -> tuple[dict, str]:
+    records, target = gather(roots)
+    runs = [r for r in records if not r["original"]]
     # Keep only what differs between rows: a sweep's shared overrides say nothing about a row.
-    runs = [k for k in results if k != "original"]
-    shared = set.intersection(*(set(k.split()) for k in runs)) if len(runs) > 1 else set()
-    relabel = {k: " ".join(o for o in k.split() if o not in shared) or k for k in runs}
-    return {relabel.get(k, k): v for k, v in results.items()}, target
+    shared = set.intersection(*(set(r["overrides"]) for r in runs)) if len(runs) > 1 else set()
+    results = {}
+    for r in records:
+        if r["original"]:
+            results.setdefault("original", r["results"])
+            continue
+        key = " ".join(o for o in r["overrides"] if o not in shared) or " ".join(r["overrides"]) or r["run"]
+        results[key if r["final"] else f"{key} @{r['step']}"] = r["results"]
+    return results, target
+
+
+def pivot(roots: list[Path], key: str, metric: str = "ca") -> str:
+    """Rows: iterations; columns: the values KEY takes in the sweep; cells: target (worst neighbour)."""
+    records, target = gather(roots)
+    cells, columns = {}, []
+    for r in records:
+        values = [o.split("=", 1)[1] for o in r["overrides"] if o.split("=", 1)[0] == key]
+        column = "original" if r["original"] else (values[0] if values else None)
+        if column is None:
+            raise SystemExit(f"run {r['run']} has no override {key}=...; pivot on one of {r['overrides']}")
+        if column not in columns:
+            columns.append(column)
+        others = [row[metric] for name, row in r["results"].items() if name not in (target, "implicit")]
+        text = f"{r['results'][target][metric]:.1f}"
+        if others:
+            text += f" ({min(others):.1f})"
+        cells[(r["step"], column)] = text
+    steps = sorted({s for s, _ in cells if s is not None})
+    lines = [f"| iteration | {' | '.join(columns)} |", "|" + "---|" * (len(columns) + 1)]
+    for s in steps:
+        lines.append(f"| {s} | " + " | ".join(cells.get((s, c), "") for c in columns) + " |")
+    return f"{target} {metric} (worst neighbour in brackets)\n" + "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="+", type=Path)
     p.add_argument("--out", type=Path)
+    p.add_argument("--pivot", metavar="KEY", help="an override varied by the sweep, e.g. method.loss")
+    p.add_argument("--metric", default="ca", help="with --pivot: ca | cs | fid | directional (default ca)")
     a = p.parse_args(argv)
-    results, target = collect(a.roots)
-    table = format_table(results, target)
+    if a.pivot:
+        table = pivot(a.roots, a.pivot, a.metric)
+    else:
+        results, target = collect(a.roots)
+        table = format_table(results, target)
     print(table)
     if a.out:
         a.out.write_text(table + "\n")

@@ -66,7 +66,7 @@ def test_warmup_trains_only_the_discriminator(tiny_pipeline_path):
 def test_after_warmup_the_unet_moves(tiny_pipeline_path, retain):
     comps = load_components(str(tiny_pipeline_path))
     before = unet_state(comps)
-    module, _, trainer = fit(comps, steps=4, warmup_steps=2, lr=1e-3, retain=retain,
+    _, _, trainer = fit(comps, steps=4, warmup_steps=2, lr=1e-3, retain=retain,
                              discriminator={"base_channels": 8})
     after = comps.unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -110,18 +110,41 @@ def test_kernel_gradient(dim):
 
 
 @pytest.mark.parametrize("channels", [1, 4, 5, 24])
-def test_cw_matches_double_loop(channels):
+def test_cw_pixels_matches_double_loop(channels):
     a, b = _rand(2, channels, 3, 2), _rand(2, channels, 3, 2, seed=1) * 1.5 + 0.3
     # Explicit bandwidth.
     expected = np.mean([_cw_numpy(_points(x), _points(y), 0.7) for x, y in zip(a.numpy(), b.numpy())])
-    assert cramer_wold_distance(a, b, gamma=0.7).item() == pytest.approx(expected, rel=1e-8)
+    assert cramer_wold_distance(a, b, gamma=0.7, samples="pixels").item() == pytest.approx(expected, rel=1e-8)
     # Default bandwidth: Silverman's rule with the pooled mean per-channel variance, per image.
     expected = []
     for x, y in zip(a.numpy(), b.numpy()):
         px, py = _points(x), _points(y)
         var = np.concatenate([px, py]).var(axis=0).mean()
         expected.append(_cw_numpy(px, py, var * (4 / (3 * len(px))) ** 0.4))
-    assert cramer_wold_distance(a, b).item() == pytest.approx(np.mean(expected), rel=1e-8)
+    assert cramer_wold_distance(a, b, samples="pixels").item() == pytest.approx(np.mean(expected), rel=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 2, 2), (4, 1, 3, 2), (5, 3, 4, 2)])  # D = 8, 6 (exact), 24 (asymptotic)
+def test_cw_batch_matches_double_loop(shape):
+    a, b = _rand(*shape), _rand(*shape, seed=1) * 1.5 + 0.3
+    # Each image, raveled, is one point; the batch is the set.
+    px = np.stack([x.ravel() for x in a.numpy()])
+    py = np.stack([y.ravel() for y in b.numpy()])
+    assert cramer_wold_distance(a, b, gamma=0.7).item() == pytest.approx(_cw_numpy(px, py, 0.7), rel=1e-8)
+    var = np.concatenate([px, py]).var(axis=0).mean()
+    expected = _cw_numpy(px, py, var * (4 / (3 * len(px))) ** 0.4)
+    assert cramer_wold_distance(a, b, samples="batch").item() == pytest.approx(expected, rel=1e-8)
+
+
+def test_cw_batch_is_a_set_distance_and_refuses_one_sample():
+    a = _rand(4, 2, 3, 3)
+    swapped = a[[2, 0, 3, 1]]  # the same predictions in another order
+    assert l2_distance(a, swapped).item() > 0.5
+    assert cramer_wold_distance(a, swapped).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"samples='batch'.*\(1, 2, 3, 3\).*pixels"):
+        cramer_wold_distance(a[:1], a[:1])
+    with pytest.raises(ValueError, match="samples='voxels'"):
+        cramer_wold_distance(a, a, samples="voxels")
 
 
 def test_cw_one_dimension_is_l2_between_smoothed_densities():
@@ -137,7 +160,7 @@ def test_cw_one_dimension_is_l2_between_smoothed_densities():
     expected = np.trapezoid((kde(x) - kde(y)) ** 2, t)
     a = torch.tensor(x, dtype=torch.float64).view(1, 1, 3)
     b = torch.tensor(y, dtype=torch.float64).view(1, 1, 3)
-    assert cramer_wold_distance(a, b, gamma=gamma).item() == pytest.approx(expected, rel=1e-6)
+    assert cramer_wold_distance(a, b, gamma=gamma, samples="pixels").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_cw_two_dimensions_is_mean_of_sliced_distances():
@@ -160,19 +183,20 @@ def test_cw_two_dimensions_is_mean_of_sliced_distances():
     assert got.item() == pytest.approx(sliced, rel=1e-6)
 
 
-def test_cw_properties_and_gradients():
+@pytest.mark.parametrize("samples", ["batch", "pixels"])
+def test_cw_properties_and_gradients(samples):
     a, b = _rand(2, 4, 4, 4).float(), (_rand(2, 4, 4, 4, seed=1) + 0.5).float()
-    assert cramer_wold_distance(a, a).item() == pytest.approx(0.0, abs=1e-12)
-    d_ab, d_ba = cramer_wold_distance(a, b), cramer_wold_distance(b, a)
+    assert cramer_wold_distance(a, a, samples=samples).item() == pytest.approx(0.0, abs=1e-12)
+    d_ab, d_ba = cramer_wold_distance(a, b, samples=samples), cramer_wold_distance(b, a, samples=samples)
     assert d_ab.dtype == torch.float32 and d_ab.item() > 0
     assert d_ab.item() == pytest.approx(d_ba.item(), rel=1e-6)
     a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
-    cramer_wold_distance(a, b).backward()
+    cramer_wold_distance(a, b, samples=samples).backward()
     for g in (a.grad, b.grad):
         assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-def test_cw_batch_of_one_is_not_a_function_of_l2():
+def test_cw_pixels_batch_of_one_is_not_a_function_of_l2():
     a = _rand(1, 4, 4, 4)
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
     shuffled = a.flatten(2)[:, :, perm].view_as(a)  # same point set, pixels moved
@@ -180,8 +204,8 @@ def test_cw_batch_of_one_is_not_a_function_of_l2():
     shifted = a + math.sqrt(mse)  # every channel moved by the same amount: same MSE
     assert l2_distance(a, shifted).item() == pytest.approx(mse)
     assert mse > 0.1
-    assert cramer_wold_distance(a, shuffled).item() == pytest.approx(0.0, abs=1e-12)
-    assert cramer_wold_distance(a, shifted).item() > 1e-2
+    assert cramer_wold_distance(a, shuffled, samples="pixels").item() == pytest.approx(0.0, abs=1e-12)
+    assert cramer_wold_distance(a, shifted, samples="pixels").item() > 1e-2
 
 
 @pytest.mark.parametrize("fn", [l2_distance, js_divergence, cramer_wold_distance, diffusion_loss])

@@ -210,3 +210,18 @@ def test_config_instantiates(components):
         SelfDistill(components, prompt_source="concept_text")
     with pytest.raises(ValueError, match="loss"):
         SelfDistill(components, loss="kl")
+    with pytest.raises(ValueError, match="cw_samples='voxels'"):
+        SelfDistill(components, loss="cw", cw_samples="voxels")
+
+
+@pytest.mark.parametrize("samples", ["batch", "pixels"])
+def test_cw_options_reach_the_distance(components, samples):
+    from unlearn.losses import cramer_wold_distance
+
+    a, b = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    d2 = cramer_wold_distance(a, b, samples=samples)
+    plain = SelfDistill(components, loss="cw", cw_samples=samples, sample_steps=2)
+    logged = SelfDistill(components, loss="cw", cw_samples=samples, cw_log=True, sample_steps=2)
+    torch.testing.assert_close(plain.distance(a, b), d2)
+    torch.testing.assert_close(logged.distance(a, b), torch.log(d2))
+    assert torch.isfinite(logged.distance(a, a))  # log of an exact match is floored, not -inf

@@ -55,9 +55,9 @@ def test_cdc_cpg_erases_and_preserves(tmp_path, shared_cache, concept):
     assert (tmp_path / "run" / "eval" / f"grid_{concept}.png").exists()
 
 
-# CW did not erase toy_stripes at this budget (CA 100 % with weight 1 and 1e3): reported, not asserted.
-@pytest.mark.parametrize("loss", ["l2", "js"])
-def test_distill_erases_and_preserves(tmp_path, shared_cache, loss):
+# Steps from the steps x loss sweep (README): L2 and JS erase by 200 iterations, CW (batch samples) by 300.
+@pytest.mark.parametrize(("loss", "steps"), [("l2", 200), ("js", 200), ("cw", 300)])
+def test_distill_erases_and_preserves(tmp_path, shared_cache, loss, steps):
     payload = train_and_measure(tmp_path, shared_cache, "concept=toy_stripes", "experiment=toy_distill",
-                                f"method.loss={loss}")
+                                f"method.loss={loss}", f"method.steps={steps}")
     assert_erased_and_kept(payload, "distill")

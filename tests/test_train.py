@@ -77,9 +77,32 @@ def test_distill_runs_through_train(tmp_path, tiny_pipeline_path):
     assert StableDiffusionPipeline.from_pretrained(res["pipeline"]).unet is not None
 
 
+def test_eval_every_adds_progress_rows_and_leaves_training_alone(tmp_path, tiny_pipeline_path):
+    from safetensors.torch import load_file
+
+    small_eval = ["evaluate=true", "eval.num_prompts=1", "eval.images_per_prompt=2", "eval.implicit=false",
+                  "eval.neighbours=false"]
+    res = {every: tiny_run(tmp_path / str(every), tiny_pipeline_path, "concept=toy_ring", "method=distill",
+                           "method.sample_steps=2", *small_eval, f"eval_every={every}") for every in (0, 1)}
+    assert list(res[1]["metrics"]["results"]) == ["original", "distill@1", "distill@2", "distill"]
+    assert list(res[0]["metrics"]["results"]) == ["original", "distill"]
+    # Evaluation draws from its own generators: the trained weights are bit-identical with and without it.
+    a, b = (load_file(Path(res[e]["pipeline"]) / "unet" / "diffusion_pytorch_model.safetensors") for e in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Resumed from iteration 2, the run re-scores iteration 1 and 2 from their cached images and finishes.
+    (ckpt,) = (tmp_path / "1" / "run" / "checkpoints").glob("*step=2.ckpt")
+    resumed = tiny_run(tmp_path / "1", tiny_pipeline_path, "concept=toy_ring", "method=distill",
+                       "method.sample_steps=2", *small_eval, "eval_every=1", f"+resume='{ckpt}'")
+    rows = resumed["metrics"]["results"]
+    assert list(rows) == ["original", "distill@1", "distill@2", "distill"]
+    for label in ("original", "distill@1", "distill@2"):
+        assert rows[label] == res[1]["metrics"]["results"][label], label
+
+
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "unlearn.train", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_help_lists_the_config_groups(tmp_path):

@@ -14,22 +14,23 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from unlearn.data.concepts import ConceptError
 from unlearn.data.datamodule import CacheMismatchError
 from unlearn.data.prompts import PromptSetError
+from unlearn.evaluation.progress import EvaluateEvery
 from unlearn.models.loading import ModelLoadError, load_components
 
 log = logging.getLogger("unlearn.train")
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
     loggers = [instantiate(c) for c in cfg.logger] if cfg.logger else False
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
                                                every_n_train_steps=cfg.get("checkpoint_every", 200))
     # The method stops itself after method.steps iterations; Lightning's step counter counts optimizer steps.
-    return instantiate(cfg.trainer, logger=loggers, callbacks=[ckpt], max_steps=-1, max_epochs=-1,
+    return instantiate(cfg.trainer, logger=loggers, callbacks=[ckpt, *callbacks], max_steps=-1, max_epochs=-1,
                        default_root_dir=str(run_dir))
 
 
@@ -45,7 +46,9 @@ def run(cfg: DictConfig) -> dict:
     if evaluator is not None:
         evaluator.measure("original", components)
     module = instantiate(cfg.method, components=components, _convert_="object")
-    trainer = build_trainer(cfg, run_dir)
+    every = cfg.get("eval_every", 0)
+    progress = [EvaluateEvery(evaluator, components, every, cfg.method.name)] if evaluator and every else []
+    trainer = build_trainer(cfg, run_dir, progress)
     resume = cfg.get("resume")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume if resume else None)
     results = {"pipeline": None, "metrics": None}

@@ -44,10 +44,10 @@ class Evaluator:
         self.out_dir = Path(out_dir)
         clip = clip or model_cfg.get("clip", "toy")
         self.clip_source = str(TOY_CLIP) if clip == "toy" else clip
-        self.settings = dict(prompts=prompts, num_prompts=num_prompts, images_per_prompt=images_per_prompt,
-                             seed=seed, cs_convention=cs_convention, fid_feature=fid_feature,
-                             clip=self.clip_source, sample_steps=model_cfg.sample_steps,
-                             guidance_scale=model_cfg.guidance_scale)
+        self.settings = {"prompts": prompts, "num_prompts": num_prompts, "images_per_prompt": images_per_prompt,
+                         "seed": seed, "cs_convention": cs_convention, "fid_feature": fid_feature,
+                         "clip": self.clip_source, "sample_steps": model_cfg.sample_steps,
+                         "guidance_scale": model_cfg.guidance_scale}
         self.batch_size = batch_size
         self.grid_images = grid_images
         self.concepts = [self.concept] + (list(self.concept.neighbour_concepts()) if neighbours else [])
@@ -80,8 +80,16 @@ class Evaluator:
         return [a for a, _ in pairs], [t for _, t in pairs], [s0 + i for i in range(len(pairs))]
 
     # ------------------------------------------------------------------ generation (cached per label/concept)
+    def _image_path(self, label: str, key: str) -> Path:
+        return self.out_dir / "images" / label / f"{key}.safetensors"
+
+    def has_images(self, label: str) -> bool:
+        """Whether every image set `measure(label, ...)` needs is cached (then it generates nothing)."""
+        keys = [c.name for c in self.concepts] + (["implicit"] if self.implicit else [])
+        return all(self._image_path(label, k).exists() for k in keys)
+
     def _generate(self, label: str, key: str, components, unet, prompts: list[str], seeds: list[int]):
-        path = self.out_dir / "images" / label / f"{key}.safetensors"
+        path = self._image_path(label, key)
         if path.exists():
             return load_file(path)["images"]
         from tqdm.auto import tqdm
@@ -176,6 +184,7 @@ def _log_to(logger, results: dict, table: str, grids: dict[str, Path]) -> None:
         return
     if isinstance(logger, WandbLogger):
         import wandb
+
         from unlearn.evaluation.table import table_rows
 
         header, rows = table_rows(results, next(iter(next(iter(results.values())))))

@@ -2,6 +2,7 @@
 
 from unlearn.losses.diffusion import diffusion_loss
 from unlearn.losses.distances import (
+    CW_SAMPLES,
     cramer_wold_distance,
     cramer_wold_sets,
     cw_kernel,
@@ -12,6 +13,7 @@ from unlearn.losses.distances import (
 from unlearn.losses.gradient_surgery import concept_preserving_gradient, gradient_conflict_stats
 
 __all__ = [
+    "CW_SAMPLES",
     "concept_preserving_gradient",
     "cramer_wold_distance",
     "cramer_wold_sets",

@@ -160,25 +160,41 @@ def cramer_wold_sets(x: Tensor, y: Tensor, gamma: Tensor) -> Tensor:
     return bracket / (2 * torch.sqrt(math.pi * gamma))
 
 
-def cramer_wold_distance(a: Tensor, b: Tensor, gamma: float | None = None) -> Tensor:
-    """Squared Cramer-Wold distance between the spatial point clouds of two batches, averaged over the batch.
+CW_SAMPLES = ("batch", "pixels")
 
-    Samples: for input (B, C, *spatial), image i is the set of its H*W positions, each a point in R^C (D = C),
-    so the distance compares how the two images' values are distributed, not where they sit: a batch of one is a
-    real distribution distance (permuting pixels costs nothing), not a disguised L2.
+
+def cramer_wold_distance(a: Tensor, b: Tensor, gamma: float | None = None, samples: str = "batch") -> Tensor:
+    """Squared Cramer-Wold distance between two batches of predictions, read as point sets.
+
+    ``samples`` says what the points are, for input (B, C, *spatial):
+    - ``"batch"`` (default): each image's flattened prediction is one point in R^(C*H*W) and the batch is the
+      sample, as in the robust-erasure paper's Lemma 4 (distributions over prediction vectors). It needs B >= 2:
+      with one point per side CW is a function of their L2 distance only, so a batch of one is refused.
+    - ``"pixels"``: image i is the set of its H*W positions, each a point in R^C (D = C); one distance per image,
+      averaged over the batch. It compares how an image's values are distributed, not where they sit (permuting
+      pixels costs nothing), so it is blind to spatial patterns such as a style's texture.
 
     Kernel: exact phi_D = 1F1(1/2; D/2; -s) for D < 20, (1 + 4s/(2D-3))^(-1/2) from 20 on (see ``cw_kernel``).
-    Bandwidth: ``gamma`` if given, else Silverman's rule per image with n = H*W and sigma^2 the mean per-channel
-    variance of the two sets pooled (the average variance of a random 1-D projection, which is what CW smooths);
-    it is detached, so the model cannot lower the loss by changing its spread.
+    Bandwidth: ``gamma`` if given, else Silverman's rule per set with n its number of points and sigma^2 the mean
+    per-dimension variance of the two sets pooled (the average variance of a random 1-D projection, which is what
+    CW smooths); it is detached, so the model cannot lower the loss by changing its spread.
 
     Returns d^2 itself (no sqrt, no log): it is smooth at 0, where sqrt's gradient blows up and CWAE's log d^2
     goes to -infinity, and a distillation target can be matched exactly. Computed in float64 (the three kernel
     means nearly cancel when a ~ b), returned in a's dtype.
     """
     _check_same_shape(a, b, min_dims=3)
-    x = a.flatten(2).transpose(1, 2).double()  # (B, n, D)
-    y = b.flatten(2).transpose(1, 2).double()
+    if samples == "pixels":
+        x = a.flatten(2).transpose(1, 2).double()  # (B, n = H*W, D = C)
+        y = b.flatten(2).transpose(1, 2).double()
+    elif samples == "batch":
+        if a.shape[0] < 2:
+            raise ValueError(f"samples='batch' needs a batch of at least 2 predictions, got shape {tuple(a.shape)} "
+                             "(with one point per side CW is a function of L2); use samples='pixels'")
+        x = a.flatten(1)[None].double()  # (1, n = B, D = C*H*W)
+        y = b.flatten(1)[None].double()
+    else:
+        raise ValueError(f"unknown samples={samples!r}; choose one of {CW_SAMPLES}")
     n = x.shape[1]
     if gamma is None:
         pooled = torch.cat([x, y], dim=1).detach()

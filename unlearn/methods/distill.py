@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from unlearn.losses import cramer_wold_distance, js_divergence, l2_distance
+from unlearn.losses import CW_SAMPLES, cramer_wold_distance, js_divergence, l2_distance
 from unlearn.methods.base import UnlearnModule
 from unlearn.methods.ema import ema_update
 from unlearn.models import encode_prompts, generate
@@ -27,6 +27,7 @@ from unlearn.utils.grid import make_grid, save_grid
 LOSSES = ("l2", "js", "cw")
 LATENTS = ("teacher", "data")
 PROMPT_SOURCES = ("target_prompts", "concept_text")
+CW_LOG_FLOOR = 1e-12
 PREVIEW_PROMPTS = 2  # columns of the teacher-vs-student grid
 
 
@@ -43,13 +44,14 @@ def stop_timesteps(stop_index: int, num_steps: int, num_train_timesteps: int, n:
 
 class SelfDistill(UnlearnModule):
     def __init__(self, components, name: str = "distill", steps: int = 1500, loss: str = "l2", tau: float = 1.0,
-                 gamma: float | None = None, ema_decay: float = 0.999, lr: float = 1e-5,
-                 weight_decay: float = 1e-4, max_grad_norm: float | None = 1.0, trainable: str = "cross_attn",
+                 gamma: float | None = None, cw_samples: str = "batch", cw_log: bool = False,
+                 ema_decay: float = 0.999, lr: float = 1e-5, weight_decay: float = 1e-4, max_grad_norm: float | None = 1.0, trainable: str = "cross_attn",
                  latents: str = "teacher", sample_steps: int = 50, guidance_scale: float = 3.0,
                  prompt_source: str = "target_prompts", concept_text: str | None = None,
                  concept_target: str | list[str] | None = None, sample_every: int = 0, log_every: int = 10,
                  loss_weight: float = 1.0):
         for value, allowed, key in ((loss, LOSSES, "loss"), (latents, LATENTS, "latents"),
+                                    (cw_samples, CW_SAMPLES, "cw_samples"),
                                     (prompt_source, PROMPT_SOURCES, "prompt_source")):
             if value not in allowed:
                 raise ValueError(f"unknown {key}={value!r}; choose one of {allowed}")
@@ -93,7 +95,9 @@ class SelfDistill(UnlearnModule):
             return l2_distance(a, b)
         if h.loss == "js":
             return js_divergence(a, b, tau=h.tau)
-        return cramer_wold_distance(a, b, gamma=h.gamma)
+        d2 = cramer_wold_distance(a, b, gamma=h.gamma, samples=h.cw_samples)
+        # CWAE's cost is log d^2: scale-free, so its gradients do not shrink with d^2 (floored to stay finite).
+        return torch.log(d2.clamp_min(CW_LOG_FLOOR)) if h.cw_log else d2
 
     def paired_parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(teacher, student) trainable tensors, in the same order."""
@@ -141,8 +145,7 @@ class SelfDistill(UnlearnModule):
         with torch.no_grad():  # sg(.): the target is the student's own unconditional answer
             e_0 = self.eps(self.unet, z_t, t, uncond)
         e_s = self.eps(self.unet, z_t, t, c_s)
-        # CW's squared distance between near-identical 4-channel latent sets is ~1e-4: its gradients can fall under
-        # Adam's eps, which then damps every step; a weight lifts them above it (Adam is otherwise scale-free).
+        # AdamW is nearly scale-free, so the weight matters mostly against gradient clipping (max_grad_norm).
         loss = self.hparams.loss_weight * self.distance(e_s, e_0)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.advance()

@@ -91,7 +91,7 @@ def load_components(path: str, revision: str | None = None, dtype: str | torch.d
     for name, load in loaders.items():
         try:
             parts[name] = load()
-        except Exception as e:  # noqa: BLE001 - one clear message for every kind of failure
+        except Exception as e:
             raise ModelLoadError(f"cannot load {name} of model {path!r}: {type(e).__name__}: {e}") from e
     for name in ("unet", "vae", "text_encoder"):
         parts[name].requires_grad_(False).eval()

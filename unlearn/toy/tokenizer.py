@@ -6,6 +6,7 @@ tokenizes through the 256 byte-level symbols. The files load with `CLIPTokenizer
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -31,7 +32,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     segs = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
     merges: list[tuple[str, str]] = []
     while any(len(s) > 1 for s in segs.values()):
-        pairs = Counter(p for s in segs.values() for p in zip(s, s[1:]))
+        pairs = Counter(p for s in segs.values() for p in itertools.pairwise(s))
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
         for w, s in segs.items():

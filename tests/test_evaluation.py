@@ -59,3 +59,25 @@ def test_regenerating_reuses_the_cached_images(tmp_path, tiny_pipeline_path, mon
     monkeypatch.setattr(ev_mod, "generate", lambda *a, **k: pytest.fail("generated again"))
     assert small_evaluator(tmp_path, neighbours=False).measure("original", comps) == first
     assert os.path.exists(tmp_path / "images" / "original" / "toy_ring.safetensors")
+
+
+def test_original_images_are_shared_across_runs_by_model(tmp_path, tiny_pipeline_path, monkeypatch):
+    import torch
+
+    import unlearn.evaluation.evaluator as ev_mod
+
+    real_generate, calls = ev_mod.generate, []
+    monkeypatch.setattr(ev_mod, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    comps = load_components(str(tiny_pipeline_path))
+    cache = tmp_path / "cache"
+    first = small_evaluator(tmp_path / "run1", neighbours=False, cache_dir=cache).measure("original", comps)
+    assert calls and list((cache / "eval" / "original").glob("toy_ring-*.safetensors"))
+    n = len(calls)
+    # Another run folder, same model and settings: nothing sampled, same numbers, and the run keeps its own copy.
+    assert small_evaluator(tmp_path / "run2", neighbours=False, cache_dir=cache).measure("original", comps) == first
+    assert len(calls) == n and (tmp_path / "run2" / "images" / "original" / "toy_ring.safetensors").exists()
+    # Other weights under the same label are another model: sampled afresh, never served the first one's images.
+    with torch.no_grad():
+        next(comps.unet.parameters()).add_(0.5)
+    small_evaluator(tmp_path / "run3", neighbours=False, cache_dir=cache).measure("original", comps)
+    assert len(calls) > n and len(list((cache / "eval" / "original").glob("toy_ring-*"))) == 2

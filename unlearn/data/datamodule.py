@@ -35,7 +35,6 @@ shard.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -53,10 +52,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from unlearn.data.concepts import Concept, load_concept
 from unlearn.models import encode_prompts, generate
+from unlearn.models.fingerprint import model_fingerprint, sha_of
 from unlearn.models.loading import load_components
 
 FORMAT_VERSION = 1
-CHECKSUM_VALUES = 1024  # values sampled per weight tensor for the cheap checksum
 POLL_S = 5.0  # how often rank 0 looks for the other ranks' shards
 
 
@@ -65,30 +64,6 @@ class CacheMismatchError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _sha(obj: Any) -> str:
-    data = obj if isinstance(obj, bytes) else json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(data).hexdigest()
-
-
-def weights_checksum(module: torch.nn.Module, values: int = CHECKSUM_VALUES) -> str:
-    """sha256 over names, shapes, dtypes and up to `values` evenly strided entries of every tensor: catches
-    any fine-tune that touches a tensor, in well under a second even for SD's 860M-parameter UNet."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // values)
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(flat[::step][:values].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_config(model) -> dict:
-    """The architecture part of a diffusers/transformers config: no load path, library version or dtype."""
-    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-    return {k: v for k, v in cfg.items()
-            if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
-
-
 def rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -237,24 +212,17 @@ class UnlearnDataModule(L.LightningDataModule):
         seeds = [self.seed + i for i in range(n)]
         g = self.gen_batch_size
         shards = [range(s, min(s + g, n)) for s in range(0, n, g)]
-        configs = {name: model_config(getattr(comps, name)) for name in ("unet", "vae", "text_encoder")}
         settings = {
             "format": FORMAT_VERSION,
-            "model": {"path": str(_cfg(self.model_cfg, "path", comps.source)),
-                      "dtype": str(next(comps.unet.parameters()).dtype),
-                      "configs_sha": _sha(configs),
-                      "weights_sha": _sha([weights_checksum(getattr(comps, m))
-                                           for m in ("unet", "vae", "text_encoder")]),
-                      "tokenizer_sha": _sha([comps.tokenizer.model_max_length,
-                                             sorted(comps.tokenizer.get_vocab().items())])},
-            "anchor_prompts": {"spec": concept.anchor_prompts, "sha": _sha(anchor_set)},
+            "model": {"path": str(_cfg(self.model_cfg, "path", comps.source)), **model_fingerprint(comps)},
+            "anchor_prompts": {"spec": concept.anchor_prompts, "sha": sha_of(anchor_set)},
             "derive": dict(concept.derive),
-            "pairs_sha": _sha(pairs),
+            "pairs_sha": sha_of(pairs),
             "num_prompts": p, "images_per_prompt": k, "num_images": n, "seed": self.seed,
             "sample_steps": steps, "guidance_scale": scale,
             "shard_size": g,
         }
-        fingerprint = _sha(settings)
+        fingerprint = sha_of(settings)
         model_name = str(_cfg(self.model_cfg, "name", "model"))
         folder = self.explicit_folder or \
             self.cache_dir / "prepared" / model_name / f"{concept.name}-{fingerprint[:12]}"

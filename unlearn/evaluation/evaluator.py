@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,17 +29,26 @@ from unlearn.metrics import CLIPAccuracy, CLIPScore, DirectionalCLIP
 from unlearn.metrics.clip_model import ClipEncoder
 from unlearn.metrics.fid import make_fid
 from unlearn.metrics.templates import IMAGENET_TEMPLATES, expand
+from unlearn.models.fingerprint import model_fingerprint, sha_of
 from unlearn.models.sampling import generate
 
 log = logging.getLogger("unlearn.evaluate")
 TOY_CLIP = Path(__file__).resolve().parent.parent / "toy" / "weights" / "clip"
 
 
+def _save_atomic(images: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"images": images.contiguous()}, tmp)
+    tmp.rename(path)
+
+
 class Evaluator:
     def __init__(self, concept, model_cfg, out_dir, clip: str | None = None, prompts: str = "anchor_set",
                  num_prompts: int = 16, images_per_prompt: int = 2, seed: int = 100_000, batch_size: int = 32,
                  neighbours: bool = True, implicit: bool = True, cs_convention: str = "clipscore",
-                 fid_feature: str = "clip", grid_images: int = 16, conf_dir: str | None = None):
+                 fid_feature: str = "clip", grid_images: int = 16, conf_dir: str | None = None,
+                 cache_dir: str | None = None):
         self.concept = load_concept(concept, conf_dir=conf_dir)
         self.model_cfg = model_cfg
         self.out_dir = Path(out_dir)
@@ -50,6 +60,8 @@ class Evaluator:
                          "guidance_scale": model_cfg.guidance_scale}
         self.batch_size = batch_size
         self.grid_images = grid_images
+        self.cache_dir = Path(cache_dir) / "eval" if cache_dir else None
+        self._fingerprints: dict[int, dict] = {}
         self.concepts = [self.concept] + (list(self.concept.neighbour_concepts()) if neighbours else [])
         self.implicit = list(self.concept.implicit_prompts) if implicit else []
         self._encoder = None
@@ -88,22 +100,37 @@ class Evaluator:
         keys = [c.name for c in self.concepts] + (["implicit"] if self.implicit else [])
         return all(self._image_path(label, k).exists() for k in keys)
 
+    def _shared_path(self, components, key: str, prompts: list[str], seeds: list[int]) -> Path | None:
+        """Where the original model's images for this job live across runs: keyed by the model's fingerprint
+        and everything that decides the images, so a sweep (or a rerun) samples the original only once."""
+        if self.cache_dir is None:
+            return None
+        if id(components.unet) not in self._fingerprints:  # one checksum per model, not per concept
+            self._fingerprints[id(components.unet)] = model_fingerprint(components)
+        job = {"model": self._fingerprints[id(components.unet)], "prompts": prompts, "seeds": seeds,
+               "sample_steps": self.settings["sample_steps"], "guidance_scale": self.settings["guidance_scale"]}
+        return self.cache_dir / "original" / f"{key}-{sha_of(job)[:16]}.safetensors"
+
     def _generate(self, label: str, key: str, components, unet, prompts: list[str], seeds: list[int]):
         path = self._image_path(label, key)
         if path.exists():
             return load_file(path)["images"]
-        from tqdm.auto import tqdm
+        shared = self._shared_path(components, key, prompts, seeds) if label == "original" and unet is None \
+            else None
+        if shared is not None and shared.exists():
+            images = load_file(shared)["images"]
+        else:
+            from tqdm.auto import tqdm
 
-        out = []
-        for i in tqdm(range(0, len(prompts), self.batch_size), desc=f"eval {label}/{key}", leave=False):
-            out.append(generate(components, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size], unet=unet,
-                                steps=self.settings["sample_steps"],
-                                guidance_scale=self.settings["guidance_scale"]).cpu())
-        images = torch.cat(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"images": images.contiguous()}, tmp)
-        tmp.rename(path)
+            out = []
+            for i in tqdm(range(0, len(prompts), self.batch_size), desc=f"eval {label}/{key}", leave=False):
+                out.append(generate(components, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
+                                    unet=unet, steps=self.settings["sample_steps"],
+                                    guidance_scale=self.settings["guidance_scale"]).cpu())
+            images = torch.cat(out)
+            if shared is not None:
+                _save_atomic(images, shared)
+        _save_atomic(images, path)  # the run folder keeps its own copy either way
         return images
 
     # ------------------------------------------------------------------ metrics

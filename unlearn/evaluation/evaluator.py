@@ -107,7 +107,9 @@ class Evaluator:
             return None
         if id(components.unet) not in self._fingerprints:  # one checksum per model, not per concept
             self._fingerprints[id(components.unet)] = model_fingerprint(components)
+        # The device type too: CPU and CUDA kernels give slightly different samples of the same model.
         job = {"model": self._fingerprints[id(components.unet)], "prompts": prompts, "seeds": seeds,
+               "device": next(components.unet.parameters()).device.type,
                "sample_steps": self.settings["sample_steps"], "guidance_scale": self.settings["guidance_scale"]}
         return self.cache_dir / "original" / f"{key}-{sha_of(job)[:16]}.safetensors"
 

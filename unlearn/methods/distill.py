@@ -45,7 +45,8 @@ def stop_timesteps(stop_index: int, num_steps: int, num_train_timesteps: int, n:
 class SelfDistill(UnlearnModule):
     def __init__(self, components, name: str = "distill", steps: int = 1500, loss: str = "l2", tau: float = 1.0,
                  gamma: float | None = None, cw_samples: str = "batch", cw_log: bool = False,
-                 ema_decay: float = 0.999, lr: float = 1e-5, weight_decay: float = 1e-4, max_grad_norm: float | None = 1.0, trainable: str = "cross_attn",
+                 ema_decay: float = 0.999, lr: float = 1e-5, weight_decay: float = 1e-4,
+                 max_grad_norm: float | None = 1.0, trainable: str = "cross_attn",
                  latents: str = "teacher", sample_steps: int = 50, guidance_scale: float = 3.0,
                  prompt_source: str = "target_prompts", concept_text: str | None = None,
                  concept_target: str | list[str] | None = None, sample_every: int = 0, log_every: int = 10,

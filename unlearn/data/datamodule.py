@@ -39,7 +39,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from unlearn.data.concepts import Concept, load_concept
 from unlearn.models import encode_prompts, generate
 from unlearn.models.fingerprint import model_fingerprint, sha_of
 from unlearn.models.loading import load_components
+from unlearn.utils.files import save_tensors_atomic, tmp_name, write_atomic
 
 FORMAT_VERSION = 1
 POLL_S = 5.0  # how often rank 0 looks for the other ranks' shards
@@ -69,16 +69,6 @@ def rank_world() -> tuple[int, int]:
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))), world
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -289,7 +279,7 @@ class UnlearnDataModule(L.LightningDataModule):
                                    [plan.seeds[i] for i in idx], steps=steps, guidance_scale=scale,
                                    return_latents=True)
         pixels = (images.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        tmp = _tmp_name(final)
+        tmp = tmp_name(final)
         try:
             tmp.mkdir(parents=True)
             for j, i in enumerate(idx):
@@ -304,17 +294,12 @@ class UnlearnDataModule(L.LightningDataModule):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _write_embeddings(self) -> None:
-        from safetensors.torch import save_file
-
         prompts = list(dict.fromkeys(["", *self.plan.anchors, *self.plan.targets]))
         comps = self.components
         emb = encode_prompts(comps.tokenizer, comps.text_encoder, prompts).float().cpu().contiguous()
-        path = self.folder / "embeddings.safetensors"
-        tmp = _tmp_name(path)
         # One metadata key only: safetensors writes a multi-key metadata map in no fixed order.
-        save_file({"hidden_states": emb}, str(tmp),
-                  metadata={"prompts": json.dumps(prompts, ensure_ascii=False)})
-        os.replace(tmp, path)
+        save_tensors_atomic({"hidden_states": emb}, self.folder / "embeddings.safetensors",
+                            metadata={"prompts": json.dumps(prompts, ensure_ascii=False)})
 
     def _wait_for_shards(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from unlearn.data.concepts import load_concept
 from unlearn.data.derive import derive_target_prompts
@@ -31,16 +30,10 @@ from unlearn.metrics.fid import make_fid
 from unlearn.metrics.templates import IMAGENET_TEMPLATES, expand
 from unlearn.models.fingerprint import model_fingerprint, sha_of
 from unlearn.models.sampling import generate
+from unlearn.utils.files import save_tensors_atomic
 
 log = logging.getLogger("unlearn.evaluate")
 TOY_CLIP = Path(__file__).resolve().parent.parent / "toy" / "weights" / "clip"
-
-
-def _save_atomic(images: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"images": images.contiguous()}, tmp)
-    tmp.rename(path)
 
 
 class Evaluator:
@@ -131,8 +124,8 @@ class Evaluator:
                                     guidance_scale=self.settings["guidance_scale"]).cpu())
             images = torch.cat(out)
             if shared is not None:
-                _save_atomic(images, shared)
-        _save_atomic(images, path)  # the run folder keeps its own copy either way
+                save_tensors_atomic({"images": images}, shared)
+        save_tensors_atomic({"images": images}, path)  # the run folder keeps its own copy either way
         return images
 
     # ------------------------------------------------------------------ metrics

@@ -33,7 +33,7 @@ class EvaluateEvery(L.Callback):
         it = int(pl_module.iteration)
         if it % self.every or it >= pl_module.steps or it in self.done:
             return
-        self.done.add(it)  # manual optimisation methods may run several batches' hooks per iteration
+        self.done.add(it)  # never twice: e.g. an iteration already re-scored by on_train_start
         if trainer.is_global_zero:
             self.evaluator.measure(f"{self.label}@{it}", self.components, unet=pl_module.export_unet())
         trainer.strategy.barrier("eval_every")

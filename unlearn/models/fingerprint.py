@@ -40,11 +40,10 @@ def model_config(model) -> dict:
             if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
 
 
-def model_fingerprint(components, unet=None) -> dict:
-    """Configs, weights and tokenizer of a pipeline's parts (`unet` replaces the components' own)."""
-    unet = unet if unet is not None else components.unet
-    parts = {"unet": unet, "vae": components.vae, "text_encoder": components.text_encoder}
-    return {"dtype": str(next(unet.parameters()).dtype),
+def model_fingerprint(components) -> dict:
+    """Configs, weights and tokenizer of a pipeline's parts."""
+    parts = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
+    return {"dtype": str(next(components.unet.parameters()).dtype),
             "configs_sha": sha_of({name: model_config(m) for name, m in parts.items()}),
             "weights_sha": sha_of([weights_checksum(m) for m in parts.values()]),
             "tokenizer_sha": sha_of([components.tokenizer.model_max_length,

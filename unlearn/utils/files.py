@@ -1,0 +1,29 @@
+"""Atomic file writes: a reader (or a resumed run) sees a whole file or none, even with several writers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+
+def tmp_name(path: Path) -> Path:
+    """A hidden sibling unique to this host and process, renamed over `path` once complete."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    tmp = tmp_name(path)
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)

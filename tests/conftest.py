@@ -50,3 +50,9 @@ def tiny_pipeline_path(tmp_path_factory):
                                    requires_safety_checker=False)
     pipe.save_pretrained(root / "pipeline", safe_serialization=True)
     return root / "pipeline"
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One prepared-data and original-image cache for every end-to-end toy run of a worker."""
+    return tmp_path_factory.mktemp("cache")

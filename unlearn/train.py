@@ -13,7 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from unlearn.data.concepts import ConceptError
@@ -21,6 +21,7 @@ from unlearn.data.datamodule import CacheMismatchError
 from unlearn.data.prompts import PromptSetError
 from unlearn.evaluation.progress import EvaluateEvery
 from unlearn.models.loading import ModelLoadError, load_components
+from unlearn.utils.marker import write_done
 
 log = logging.getLogger("unlearn.train")
 
@@ -38,8 +39,10 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     components = load_components(cfg.model.path, revision=cfg.model.revision, dtype=cfg.model.dtype)
-    datamodule = instantiate(cfg.data, components=components, concept=cfg.concept, model_cfg=cfg.model)
-    if cfg.prepare:
+    closed_form = getattr(get_class(cfg.method._target_), "closed_form", False)  # e.g. UCE: no data, no loop
+    datamodule = None if closed_form else \
+        instantiate(cfg.data, components=components, concept=cfg.concept, model_cfg=cfg.model)
+    if datamodule is not None and cfg.prepare:
         datamodule.prepare_data()
     evaluator = instantiate(cfg.eval, concept=cfg.concept, model_cfg=cfg.model, out_dir=run_dir / "eval") \
         if cfg.evaluate else None
@@ -50,7 +53,10 @@ def run(cfg: DictConfig) -> dict:
     progress = [EvaluateEvery(evaluator, components, every, cfg.method.name)] if evaluator and every else []
     trainer = build_trainer(cfg, run_dir, progress)
     resume = cfg.get("resume")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume if resume else None)
+    if closed_form:
+        module.edit()
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume if resume else None)
     results = {"pipeline": None, "metrics": None}
     if trainer.is_global_zero:
         results["pipeline"] = str(module.export(run_dir / "pipeline"))
@@ -58,6 +64,7 @@ def run(cfg: DictConfig) -> dict:
         if evaluator is not None:
             evaluator.measure(cfg.method.name, components, unet=module.export_unet())
             results["metrics"] = evaluator.report(loggers=trainer.loggers)
+        write_done(run_dir, cfg, method=cfg.method.name, concept=cfg.concept.name)  # last: the run is complete
     return results
 
 

@@ -39,6 +39,10 @@ def select_trainable(unet: torch.nn.Module, trainable: str) -> list[str]:
 
 
 class UnlearnModule(L.LightningModule):
+    # A closed-form method (UCE) sets this and implements `edit()`: `train.run` then calls `edit()` instead of
+    # `Trainer.fit`, prepares no data, and exports and evaluates the result as for any trained method.
+    closed_form = False
+
     def __init__(self, components: Components, name: str, steps: int, trainable: str = "all",
                  frozen_copy: bool = False, log_every: int = 10):
         super().__init__()
@@ -75,6 +79,10 @@ class UnlearnModule(L.LightningModule):
 
     def eps(self, unet, x_t, t, emb):
         return unet(x_t, t, encoder_hidden_states=emb).sample
+
+    def edit(self) -> None:
+        """The whole method for a closed-form one (`closed_form = True`); trained methods never call it."""
+        raise NotImplementedError(f"{type(self).__name__} trains; it has no closed-form edit")
 
     # ------------------------------------------------------------------ loop bookkeeping
     def advance(self) -> None:

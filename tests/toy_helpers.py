@@ -1,0 +1,36 @@
+"""End-to-end helpers on the shipped toy model: train through `unlearn.train.run`, read the metrics, check the
+issues' erase/keep thresholds. Imported by the end-to-end test files (pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAST = ["trainer=cpu", "logger=none", "trainer.enable_progress_bar=false",
+        "eval.num_prompts=12", "eval.images_per_prompt=2", "eval.implicit=false"]
+
+
+def train_and_measure(tmp_path: Path, cache: Path, *overrides: str) -> dict:
+    from unlearn.train import run
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.root={tmp_path}", f"paths.run_dir={tmp_path}/run",
+                                          f"paths.cache={cache}", *FAST, *overrides])
+    run(cfg)
+    return json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+
+
+def assert_erased_and_kept(payload: dict, method_label: str) -> None:
+    target = payload["concept"]
+    before, after = payload["results"]["original"], payload["results"][method_label]
+    assert before[target]["ca"] >= 90, before
+    assert after[target]["ca"] <= 30, after
+    for name, row in before.items():
+        if name not in (target, "implicit"):
+            assert after[name]["ca"] >= 0.9 * row["ca"], (name, row, after[name])
+
+

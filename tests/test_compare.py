@@ -1,0 +1,111 @@
+"""`python -m unlearn.compare`: bad requests refused before any work; on a tiny random SD, several methods side by
+side give one table, grids and a trade-off plot, a rerun reuses finished runs, and sequential stages chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from unlearn.comparison.plan import CompareError, plan_runs
+from unlearn.utils.marker import read_done
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["methods=[cdc_cpg_official,esd_y]"], "'esd_y'"),
+    (["methods=[]"], "methods=[]"),
+    (["methods=[distill,distill]"], "'distill' is listed twice"),
+    (["methods=[distill]", "concepts=[toy_ring,toy_rnig]"], "'toy_rnig'"),
+    (["methods=[distill]", "concepts=[toy_ring,toy_diamond,toy_ring]"], "'toy_ring' is repeated"),
+    (["methods=[distill]", "concepts=[]"], "concepts=[]"),
+])
+def test_bad_requests_name_the_value(tmp_path, overrides, named):
+    with pytest.raises(CompareError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        plan_runs([f"paths.root={tmp_path}", *overrides])
+
+
+def test_a_method_without_recipe_is_refused(tmp_path):
+    with pytest.raises(CompareError, match="'cdc_cpg' has no recipe"):
+        plan_runs([f"paths.root={tmp_path}", "methods=[cdc_cpg]", "recipes=none", "+recipes.distill=[]"])
+
+
+def test_cli_fails_fast_with_one_line_and_exit_2(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "-m", "unlearn.compare", f"paths.root={tmp_path}", "methods=[nope]"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == 2
+    assert "error: methods: unknown method 'nope'" in out.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_common_budget_keeps_the_warmup_share(tmp_path):
+    _, runs = plan_runs([f"paths.root={tmp_path}", "methods=[cdc_cpg_official,distill]", "budget=100"])
+    cdc, distill = runs
+    assert (cdc.cfg.method.steps, cdc.cfg.method.warmup_steps) == (100, 20)  # toy recipe: 60 of 300
+    assert distill.cfg.method.steps == 100
+
+
+def tiny(tmp_path, pipeline) -> list[str]:
+    return [f"paths.root={tmp_path}", f"paths.cache={tmp_path}/cache", f"model.path={pipeline}", "recipes=none",
+            "budget=2", "eval_every=1", "logger=none", "trainer=cpu", "trainer.enable_progress_bar=false",
+            "data.num_prompts=2", "data.images_per_prompt=2", "data.batch_size=2", "data.gen_batch_size=2",
+            "model.sample_steps=2", "eval.num_prompts=2", "eval.images_per_prompt=1", "eval.implicit=false",
+            "method.trainable=cross_attn"]
+
+
+def test_compare_writes_table_grids_plot_and_reuses_runs(tmp_path, tiny_pipeline_path):
+    from unlearn.compare import compare
+
+    # A recipe is per method: distill's `latents` override never reaches cdc_cpg, which has no such key.
+    args = [*tiny(tmp_path, tiny_pipeline_path), "concept=toy_ring", "methods=[distill,cdc_cpg]",
+            f"out_dir={tmp_path}/cmp", "+recipes.distill=['method.latents=data']", "+recipes.cdc_cpg=[]"]
+    summary = compare(args)
+    out = tmp_path / "cmp"
+    assert summary["runs"] == {"distill/1": "trained", "cdc_cpg/1": "trained"}
+    table = (out / "table.md").read_text().splitlines()
+    assert [r.split("|")[1].strip() for r in table[2:]] == ["original", "distill", "cdc_cpg"]
+    assert [r.split("|")[2].strip() for r in table[2:]] == ["–", "2", "2"]
+    assert "toy_ring CA↓" in table[0] and "toy_diamond CA↑" in table[0]
+    for concept in ("toy_ring", "toy_diamond", "toy_triangle", "toy_cross"):
+        assert (out / f"grid_{concept}.png").exists()
+    curves = json.loads((out / "tradeoff.json").read_text())
+    assert [p[0] for p in curves["distill"]] == [0, 1, 2]  # original, @1, final
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    # The original row is the same model on the same prompts and seeds for every method.
+    orig = [load_file(out / "runs" / m / "eval/images/original/toy_ring.safetensors")["images"]
+            for m in ("distill", "cdc_cpg")]
+    assert (orig[0] == orig[1]).all()
+    assert read_done(out / "runs" / "distill")["method"] == "distill"
+
+    again = compare(args)
+    assert again["runs"] == {"distill/1": "reused", "cdc_cpg/1": "reused"}
+    changed = compare([*args[:-1], "+recipes.cdc_cpg=['method.lam=0.5']"])
+    assert changed["runs"] == {"distill/1": "reused", "cdc_cpg/1": "trained"}
+
+
+def test_sequential_stages_chain_and_resume(tmp_path, tiny_pipeline_path):
+    from unlearn.compare import compare
+
+    args = [*tiny(tmp_path, tiny_pipeline_path), "concepts=[toy_ring,toy_diamond]", "methods=[distill]",
+            f"out_dir={tmp_path}/seq", "+recipes.distill=['method.latents=data']"]
+    summary = compare(args)
+    out = tmp_path / "seq"
+    assert summary["runs"] == {"distill/1": "trained", "distill/2": "trained"}
+    stage2 = (out / "runs/distill/stage2-toy_diamond/config.yaml").read_text()
+    assert str(out / "runs/distill/stage1-toy_ring/pipeline") in stage2  # stage 2 starts from stage 1's model
+    tables = json.loads((out / "sequential.json").read_text())
+    assert list(tables["1"]["distill"]) == ["toy_ring", "toy_diamond", "toy_triangle", "toy_cross"]
+    assert list(tables["2"]["distill"]) == ["toy_ring", "toy_diamond", "toy_triangle", "toy_cross"]
+    text = (out / "sequential.md").read_text()
+    assert "Stage 2: erased toy_ring + toy_diamond" in text and "toy_diamond CA↓" in text
+    # A killed stage 2 (no DONE marker) is redone; stage 1 never is.
+    (out / "runs/distill/stage2-toy_diamond/DONE").unlink()
+    again = compare(args)
+    assert again["runs"] == {"distill/1": "reused", "distill/2": "trained"}

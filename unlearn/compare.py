@@ -1,0 +1,133 @@
+"""python -m unlearn.compare concept=<c> methods=[cdc_cpg_official,esd_x,esd_u,conabl,sdd,uce] [budget=N]
+python -m unlearn.compare concepts=[toy_ring,toy_diamond,toy_cross] methods=[...]      # sequential erasure
+
+Trains each method through `unlearn.train.run` on the same data, prompts, seeds and metrics — reusing any run
+whose DONE marker holds the same resolved config — then writes into one folder (`out_dir`): table.md/.csv in the
+first seed's layout, grid_<concept>.png (rows: models; columns: the same prompts and seeds) and tradeoff.png
+(target CA against the neighbours' mean CA at every `eval_every` point). With `concepts=[...]` each method erases
+them one after another, every stage starting from the previous stage's pipeline, and sequential.md holds one block
+per stage. Every request is checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from unlearn.comparison.plan import CompareError, out_dir, plan_runs
+from unlearn.comparison.report import final_results, iterations, write_grids, write_table, write_tradeoff_plot
+from unlearn.utils.marker import is_done
+
+log = logging.getLogger("unlearn.compare")
+
+
+def train_or_reuse(run) -> str:
+    """'reused' when the run folder already holds this exact config's finished run, else trains it."""
+    from unlearn.train import run as train_run
+
+    if is_done(run.run_dir, run.cfg):
+        return "reused"
+    if run.run_dir.exists():  # killed or made with another config: never mixed with the new run
+        shutil.rmtree(run.run_dir)
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg))
+    train_run(run.cfg)
+    return "trained"
+
+
+def compare(overrides: list[str]) -> dict:
+    cfg, runs = plan_runs(overrides)
+    concepts = list(dict.fromkeys(r.concept for r in runs))
+    out = out_dir(cfg, concepts)
+    out.mkdir(parents=True, exist_ok=True)
+    status = {}
+    for run in runs:
+        log.info("%s stage %d (%s): %s", run.method, run.stage, run.concept, run.run_dir)
+        status[f"{run.method}/{run.stage}"] = train_or_reuse(run)
+    budgets = {r.method: iterations(r) for r in runs}
+    summary = {"concepts": concepts, "methods": list(budgets), "budgets": budgets, "runs": status,
+               "budget": "common: %d iterations" % cfg.budget if cfg.budget is not None else "each method's own"}
+    if cfg.concepts is None:
+        summary.update(report_one(cfg, runs, out, budgets))
+    else:
+        summary.update(report_sequential(cfg, runs, concepts, out, budgets))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
+    metrics = {r.method: json.loads((r.run_dir / "eval" / "metrics.json").read_text()) for r in runs}
+    target = metrics[runs[0].method]["concept"]
+    results = final_results(runs, metrics)
+    table = write_table(results, target, budgets, out)
+    concepts = [c for c in results["original"] if c != "implicit"]
+    grids = write_grids(runs, concepts, out, int(cfg.eval.grid_images))
+    plot = write_tradeoff_plot(runs, metrics, out, f"{target}: erasure vs neighbours "
+                                                   f"({'budget ' + str(cfg.budget) if cfg.budget else 'own budgets'})")
+    settings = metrics[runs[0].method]["settings"]
+    (out / "metrics.json").write_text(json.dumps({"concept": target, "settings": settings, "budgets": budgets,
+                                                  "results": results}, indent=2))
+    note = "iterations: " + ("a common budget" if cfg.budget is not None else "each method's own default")
+    print(f"\n{target}  ({note}; settings: {json.dumps(settings)})\n{table}\n")
+    log_to_wandb(cfg, out, table, grids, plot)
+    return {"table": str(out / "table.md"), "grids": {k: str(v) for k, v in grids.items()}, "plot": str(plot)}
+
+
+def report_sequential(cfg, runs, concepts: list[str], out: Path, budgets: dict) -> dict:
+    from unlearn.comparison.sequential import evaluate_stages, format_stages
+
+    tables = evaluate_stages(cfg, runs, concepts, out)
+    text = format_stages(tables, concepts, budgets)
+    (out / "sequential.md").write_text(text + "\n")
+    (out / "sequential.json").write_text(json.dumps(tables, indent=2))
+    last = [r for r in runs if r.stage == len(concepts)]
+    grids = write_sequential_grids(cfg, last, concepts, out)
+    print(f"\nsequential: {' -> '.join(concepts)}\n{text}\n")
+    return {"table": str(out / "sequential.md"), "grids": {k: str(v) for k, v in grids.items()}}
+
+
+def write_sequential_grids(cfg, last_runs, concepts, out: Path) -> dict:
+    """Per concept: the original and every method after the last stage (the images the evaluation made)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from unlearn.utils.grid import save_grid
+
+    n, paths = int(cfg.eval.grid_images), {}
+    for concept in concepts:
+        folder = out / "sequential" / "eval" / concept / "images"
+        labels = ["original"] + [f"{r.method}@stage{r.stage}" for r in last_runs]
+        rows = [load_file(folder / lb / f"{concept}.safetensors")["images"][:n] for lb in labels]
+        paths[concept] = save_grid(torch.cat(rows), out / f"grid_{concept}.png", nrow=len(rows[0]),
+                                   labels=["original"] + [r.method for r in last_runs])
+    return paths
+
+
+def log_to_wandb(cfg, out: Path, table: str, grids: dict, plot: Path) -> None:
+    if not any("Wandb" in str(c.get("_target_", "")) for c in (cfg.logger or [])):
+        return
+    import wandb
+
+    with wandb.init(project="unlearn", name=f"compare-{out.name}", dir=str(out), job_type="compare") as run:
+        header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+                         if not line.startswith("|---")]
+        run.log({"compare/table": wandb.Table(columns=header, data=rows), "compare/tradeoff": wandb.Image(str(plot)),
+                 **{f"compare/grid/{c}": wandb.Image(str(p)) for c, p in grids.items()}})
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    try:
+        compare(list(sys.argv[1:] if argv is None else argv))
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -206,3 +206,26 @@ def test_data_config_instantiates_with_runtime_arguments(components, model_cfg, 
                                "a red circle in the style of checker"]
     assert dm.plan.targets[0] == "a red ring" and dm.plan.seeds == [0, 1, 2]
     assert os.fspath(dm.folder).startswith(os.fspath(tmp_path / "prepared" / "tiny" / "toy_ring-"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "nan"])
+def test_corrupt_latent_file_is_named_before_training(components, model_cfg, tmp_path, reference, damage):
+    """A cut-off or non-finite shard fails setup() with one message naming the file and the fix."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from unlearn.data.datamodule import CacheMismatchError
+
+    folder = tmp_path / "prepared"
+    shutil.copytree(reference, folder)
+    bad = folder / "shards" / "00001" / "latents.safetensors"
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:100])
+    else:
+        part = load_file(bad)
+        part["latents"][0, 0, 0, 0] = float("nan")
+        save_file(part, bad)
+    dm = make(components, model_cfg, tmp_path, folder=str(folder))
+    with pytest.raises(CacheMismatchError, match=f"{bad}.*delete {bad.parent}"):
+        dm.setup("fit")

@@ -160,7 +160,9 @@ def test_clipscore_conventions_differ_by_exactly_2_5(encoder):
     a, b = CLIPScore(encoder, "clipscore"), CLIPScore(encoder, "torchmetrics")
     a.update(x, "a photo of a cat")
     b.update(x, "a photo of a cat")
-    assert a.compute().item() == pytest.approx(2.5 * b.compute().item(), rel=1e-6)
+    cos = (encoder.image_features(x) * encoder.text_features(["a photo of a cat"] * 4)).sum(-1)
+    if (cos >= 0).all():  # with a negative cosine the two clamp in different places (next test)
+        assert a.compute().item() == pytest.approx(2.5 * b.compute().item(), rel=1e-6)
     # And on a case with a known positive cosine: cos = 0.6 -> 150 and 60.
     fake = FakeEncoder({"t": [1.0, 0.0]})
     a, b = CLIPScore(fake, "clipscore"), CLIPScore(fake, "torchmetrics")
@@ -169,6 +171,24 @@ def test_clipscore_conventions_differ_by_exactly_2_5(encoder):
     assert (a.compute().item(), b.compute().item()) == pytest.approx((150.0, 60.0))
     with pytest.raises(ValueError, match="convention"):
         CLIPScore(fake, "hessel")
+
+
+@pytest.mark.parametrize("rows", [[[0.6, 0.8], [-0.6, -0.8], [-1.0, 0.0]],     # mean cosine < 0
+                                  [[1.0, 0.0], [0.8, 0.6], [-0.2, 1.0], [0.0, 1.0]]])  # mean > 0, one < 0
+def test_clipscore_conventions_clamp_where_their_references_do(rows):
+    """torchmetrics' CLIPScore: max(mean(100 cos), 0), once, after averaging (its compute); Hessel's CLIP-S:
+    mean(2.5 * max(cos, 0)) * 100, per image. Checked against NumPy, over two updates (as a sweep accumulates)."""
+    x = np.asarray(rows, dtype=np.float64)
+    cos = x[:, 0] / np.linalg.norm(x, axis=1)  # text embedding (1, 0)
+    fake = FakeEncoder({"t": [1.0, 0.0]})
+    got = {}
+    for convention in ("torchmetrics", "clipscore"):
+        m = CLIPScore(fake, convention)
+        m.update(torch.tensor(rows[:2]), "t")
+        m.update(torch.tensor(rows[2:]), "t")
+        got[convention] = m.compute().item()
+    assert got["torchmetrics"] == pytest.approx(max(np.mean(100 * cos), 0.0), abs=1e-4)
+    assert got["clipscore"] == pytest.approx(np.mean(100 * 2.5 * np.maximum(cos, 0)), abs=1e-4)
 
 
 def test_clip_accuracy_known_share():

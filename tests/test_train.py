@@ -91,9 +91,9 @@ def test_eval_every_adds_progress_rows_and_leaves_training_alone(tmp_path, tiny_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # Resumed from iteration 2, the run re-scores iteration 1 and 2 from their cached images and finishes.
-    (ckpt,) = (tmp_path / "1" / "run" / "checkpoints").glob("*step=2.ckpt")
+    (ckpt,) = (tmp_path / "1" / "run" / "checkpoints").glob("iteration=2.ckpt")
     resumed = tiny_run(tmp_path / "1", tiny_pipeline_path, "concept=toy_ring", "method=distill",
-                       "method.sample_steps=2", *small_eval, "eval_every=1", f"+resume='{ckpt}'")
+                       "method.sample_steps=2", *small_eval, "eval_every=1", f"resume='{ckpt}'")
     rows = resumed["metrics"]["results"]
     assert list(rows) == ["original", "distill@1", "distill@2", "distill"]
     for label in ("original", "distill@1", "distill@2"):

@@ -6,6 +6,7 @@ folder, measure after. Method logic lives in unlearn/methods/, never here.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from unlearn.data.concepts import ConceptError
@@ -21,22 +24,48 @@ from unlearn.data.datamodule import CacheMismatchError
 from unlearn.data.prompts import PromptSetError
 from unlearn.evaluation.progress import EvaluateEvery
 from unlearn.models.loading import ModelLoadError, load_components
-from unlearn.utils.marker import write_done
+from unlearn.utils import resolvers
+from unlearn.utils.checkpoint import LAST, IterationCheckpoint, NonFiniteError
+from unlearn.utils.marker import read_done, write_done
+from unlearn.validate import ConfigError, override_problems, validate
 
 log = logging.getLogger("unlearn.train")
+resolvers.register()  # before Hydra composes: conf/logger/wandb.yaml groups a sweep's runs by ${sweep_group:}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
     loggers = [instantiate(c) for c in cfg.logger] if cfg.logger else False
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
-                                               every_n_train_steps=cfg.get("checkpoint_every", 200))
-    # The method stops itself after method.steps iterations; Lightning's step counter counts optimizer steps.
-    return instantiate(cfg.trainer, logger=loggers, callbacks=[ckpt, *callbacks], max_steps=-1, max_epochs=-1,
-                       default_root_dir=str(run_dir))
+    # Named by iteration (Lightning's step counts optimizer steps: two per iteration with two optimizers), written
+    # atomically, with the RNG states; it also stops the run at a non-finite loss or gradient. Last in the list, so
+    # the RNG states go back after every other callback's on_train_batch_start.
+    ckpt = IterationCheckpoint(run_dir / "checkpoints", every=cfg.get("checkpoint_every", 200))
+    # The method stops itself after method.steps iterations; the data module orders data itself (also per rank).
+    return instantiate(cfg.trainer, logger=loggers, callbacks=[*callbacks, ckpt], max_steps=-1, max_epochs=-1,
+                       default_root_dir=str(run_dir), enable_checkpointing=False, use_distributed_sampler=False)
+
+
+def resume_point(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """(the run folder to write into, the checkpoint to start from). `resume=<run folder>` continues that run in
+    its own folder from checkpoints/last.ckpt; `resume=<file>.ckpt` starts this run's folder from that file."""
+    resume = cfg.get("resume")
+    if not resume:
+        return Path(cfg.paths.run_dir), None
+    path = Path(str(resume))
+    if path.is_dir():
+        return path, path / "checkpoints" / LAST
+    return Path(cfg.paths.run_dir), path
 
 
 def run(cfg: DictConfig) -> dict:
-    run_dir = Path(cfg.paths.run_dir)
+    validate(cfg)  # every bad value, before any model is loaded or image generated (unlearn/validate.py)
+    run_dir, ckpt_path = resume_point(cfg)
+    if read_done(run_dir) is not None and ckpt_path is not None:  # resuming a finished run: nothing to do
+        log.info("%s is already finished (its DONE marker); nothing to resume", run_dir)
+        metrics = run_dir / "eval" / "metrics.json"
+        return {"pipeline": str(run_dir / "pipeline"),
+                "metrics": json.loads(metrics.read_text()) if metrics.exists() else None}
+    if ckpt_path is not None and run_dir != Path(cfg.paths.run_dir):
+        log.info("resuming %s from %s (this session's log: %s)", run_dir, ckpt_path, cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     components = load_components(cfg.model.path, revision=cfg.model.revision, dtype=cfg.model.dtype)
     closed_form = getattr(get_class(cfg.method._target_), "closed_form", False)  # e.g. UCE: no data, no loop
@@ -46,18 +75,26 @@ def run(cfg: DictConfig) -> dict:
         datamodule.prepare_data()
     evaluator = instantiate(cfg.eval, concept=cfg.concept, model_cfg=cfg.model, out_dir=run_dir / "eval") \
         if cfg.evaluate else None
-    if evaluator is not None:
+    # Under DDP every process runs this function (Lightning re-launches the script): rank 0 alone measures.
+    if evaluator is not None and rank_zero_only.rank == 0:
         evaluator.measure("original", components)
     module = instantiate(cfg.method, components=components, _convert_="object")
+    if "speed" in cfg and not closed_form:
+        module.configure_speed(**cfg.speed)  # conf/speed: attention, checkpointing, channels_last, compile
     every = cfg.get("eval_every", 0)
     progress = [EvaluateEvery(evaluator, components, every, cfg.method.name)] if evaluator and every else []
     trainer = build_trainer(cfg, run_dir, progress)
-    resume = cfg.get("resume")
     if closed_form:
         module.edit()
     else:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume if resume else None)
+        # weights_only: a checkpoint holds tensors and plain Python only (RNG states included), never pickled code.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=True)
     results = {"pipeline": None, "metrics": None}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Training is over and the other ranks leave: rank 0 exports and evaluates alone. Without the group,
+        # torchmetrics does not wait for ranks that have gone to gather its states.
+        torch.distributed.destroy_process_group()
     if trainer.is_global_zero:
         results["pipeline"] = str(module.export(run_dir / "pipeline"))
         log.info("saved the unlearned pipeline to %s", results["pipeline"])
@@ -68,17 +105,38 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
+def fail(cfg: DictConfig, lines: list[str], code: int) -> None:
+    # Nothing half-written: a run that failed before training leaves no run folder behind.
+    run_dir = Path(cfg.paths.run_dir)
+    if run_dir.exists() and not any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
+    except ConfigError as e:
+        fail(cfg, [str(p) for p in e.problems], 2)
     except (ModelLoadError, PromptSetError, ConceptError, CacheMismatchError) as e:
-        # Nothing half-written: a run that failed before training leaves no run folder behind.
-        run_dir = Path(cfg.paths.run_dir)
-        if run_dir.exists() and not any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
-            shutil.rmtree(run_dir)
-        print(f"error: {e}", file=sys.stderr)
+        fail(cfg, [str(e)], 2)
+    except NonFiniteError as e:  # the run folder stays, with its last good checkpoint
+        fail(cfg, [str(e)], 1)
+
+
+def main() -> None:
+    # `+resume=` was the spelling before `resume` was a key of train.yaml; Hydra refuses `+` for an existing key.
+    sys.argv = [a[1:] if a.startswith("+resume=") else a for a in sys.argv]
+    # A group choice naming no config file (`method=foo`) fails here in one line, before Hydra composes.
+    problems = override_problems(sys.argv[1:])
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
         sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unlearn.data.concepts import Concept, load_concept
+from unlearn.data.order import ResumableBatches
 from unlearn.models import encode_prompts, generate
 from unlearn.models.fingerprint import model_fingerprint, sha_of
 from unlearn.models.loading import load_components
@@ -153,6 +154,26 @@ class UnlearnDataModule(L.LightningDataModule):
         self.dataset: PairedLatents | None = None
         self.uncond_emb: torch.Tensor | None = None
         self.last_prepare: dict | None = None
+        self.start_batch = 0  # the first batch of the order's stream to train on (> 0 when resumed)
+
+    @classmethod
+    def validate_config(cls, cfg: dict) -> list:
+        """The data group's rules, checked before any model loads (unlearn/validate.py)."""
+        from unlearn.validate import Problem, choice, number
+
+        d, out = cfg["data"], []
+        for key in ("num_prompts", "images_per_prompt", "batch_size", "gen_batch_size"):
+            out += number(f"data.{key}", d.get(key), 1, integer=True)
+        out += number("data.seed", d.get("seed"), 0, integer=True)
+        out += number("data.num_workers", d.get("num_workers"), 0, integer=True)
+        out += number("data.wait_timeout_s", d.get("wait_timeout_s"), 0, lo_open=True)
+        device = d.get("device", "auto")
+        if not (isinstance(device, str) and (device in ("auto", "cpu", "cuda") or device.startswith("cuda:"))):
+            out += choice("data.device", device, ("auto", "cpu", "cuda", "cuda:<index>"))
+        folder = d.get("folder")
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            out.append(Problem("data.folder", folder, "null or a folder (this is a file)"))
+        return out
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -381,7 +402,6 @@ class UnlearnDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         plan = self.plan
         if not self.check_manifest() or not self.is_complete():
@@ -389,7 +409,7 @@ class UnlearnDataModule(L.LightningDataModule):
             n = len(self.missing_shards())
             raise RuntimeError(f"prepared-data folder {self.folder} is incomplete ({n} shards missing"
                                f"{no_emb}): run prepare_data() (python -m unlearn.prepare) first")
-        parts = [load_file(str(self._shard_dir(k) / "latents.safetensors")) for k in range(len(plan.shards))]
+        parts = [self._read_shard(k) for k in range(len(plan.shards))]
         latents = torch.empty((len(plan.seeds), *parts[0]["latents"].shape[1:]))
         for part in parts:
             latents[part["index"]] = part["latents"]
@@ -403,14 +423,49 @@ class UnlearnDataModule(L.LightningDataModule):
                                      [row[t] for t in plan.targets], plan.anchors, plan.targets, plan.seeds,
                                      length=max(len(plan.seeds), self.batch_size))
 
+    def _read_shard(self, k: int) -> dict:
+        """A shard's latents, checked: a cut-off or altered file fails here, naming it, never mid-training."""
+        from safetensors.torch import load_file
+
+        path, idx = self._shard_dir(k) / "latents.safetensors", list(self.plan.shards[k])
+        fix = f"delete {path.parent} and run again: only that shard is generated anew"
+        try:
+            part = load_file(str(path))
+            lat, index = part["latents"], part["index"]
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+            raise CacheMismatchError(f"prepared-data file {path} is unreadable ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); {fix}") from e
+        if lat.dim() != 4 or lat.shape[0] != len(idx) or index.tolist() != idx:
+            raise CacheMismatchError(f"prepared-data file {path} holds latents {tuple(lat.shape)} for images "
+                                     f"{index.tolist()[:4]}..., expected {len(idx)} latents for images "
+                                     f"{idx[0]}..{idx[-1]}; {fix}")
+        if not torch.isfinite(lat).all():
+            raise CacheMismatchError(f"prepared-data file {path} holds non-finite latents; {fix}")
+        return part
+
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:
             self.setup("fit")
-        # At least one full batch per epoch (items repeat when N < batch_size); Lightning loops over epochs
-        # until the method stops, and the seeded generator makes the order reproducible.
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        # At least one full batch per epoch (items repeat when N < batch_size). The order is a seeded endless
+        # stream (unlearn/data/order.py) that a resumed run re-enters at the batch it stopped at; the loader's own
+        # generator only seeds workers, so making it draws nothing from the global RNG that training uses.
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        batches = ResumableBatches(len(self.dataset), self.batch_size, self.seed, start=self.start_batch,
+                                   rank=rank, world=world)
+        return DataLoader(self.dataset, batch_sampler=batches, generator=torch.Generator().manual_seed(self.seed),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    # ------------------------------------------------------------------ resume: where the stream stands
+    def state_dict(self) -> dict:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        drawn = int(module.iteration) if module is not None and hasattr(module, "iteration") else self.start_batch
+        return {"batches_drawn": drawn, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("seed"), state.get("batch_size")) != (self.seed, self.batch_size):
+            raise ValueError(f"the checkpoint's data order (seed {state.get('seed')}, batch {state.get('batch_size')})"
+                             f" is not this run's (seed {self.seed}, batch {self.batch_size})")
+        self.start_batch = int(state["batches_drawn"])
 
     # ------------------------------------------------------------------ inspection
     def anchor_images(self, n: int = 16) -> torch.Tensor:

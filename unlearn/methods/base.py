@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from unlearn.models.loading import Components, save_pipeline
+
+# The frozen parts (the original UNet, the EMA teacher, frozen layers of the trained one) are in eval mode on
+# purpose; Lightning's count of eval-mode modules at the start of training tells a user nothing. Only that warning.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                        category=PossibleUserWarning)
 
 TRAINABLE = {
     "all": lambda name: True,
@@ -61,6 +68,28 @@ class UnlearnModule(L.LightningModule):
         self.strict_loading = False  # checkpoints keep only what trains
         self._t0 = None
 
+    @classmethod
+    def validate_config(cls, cfg: dict) -> list:
+        """Rules every method shares, checked before any model loads (unlearn/validate.py); a method adds its own
+        by overriding this and extending `super().validate_config(cfg)`. `cfg` is the whole resolved config."""
+        from unlearn.validate import Problem, choice, number
+
+        m, out = cfg["method"], []
+        if not isinstance(m.get("name"), str) or not m.get("name"):
+            out.append(Problem("method.name", m.get("name"), "a non-empty name (it names the run and its rows)"))
+        if "steps" in m:
+            out += number("method.steps", m["steps"], 1, integer=True, hint=" (training iterations)")
+        if "trainable" in m:
+            out += choice("method.trainable", m["trainable"], TRAINABLE)
+        if "lr" in m:
+            out += number("method.lr", m["lr"], 0, lo_open=True)
+        if "max_grad_norm" in m:
+            out += number("method.max_grad_norm", m["max_grad_norm"], 0, lo_open=True, optional=True,
+                          hint=" (null = no clipping)")
+        if "log_every" in m:
+            out += number("method.log_every", m["log_every"], 1, integer=True)
+        return out
+
     # ------------------------------------------------------------------ helpers
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
@@ -80,6 +109,17 @@ class UnlearnModule(L.LightningModule):
     def eps(self, unet, x_t, t, emb):
         return unet(x_t, t, encoder_hidden_states=emb).sample
 
+    def configure_speed(self, **options) -> None:
+        """Apply conf/speed's switches (unlearn.methods.speed.apply_speed) to every UNet the method holds: the
+        trained one and its frozen copies (original, EMA teacher)."""
+        from diffusers import UNet2DConditionModel
+
+        from unlearn.methods.speed import apply_speed
+
+        for name, child in self.named_children():
+            if isinstance(child, UNet2DConditionModel):
+                apply_speed(child, trainable=child is self.unet, **options)
+
     def edit(self) -> None:
         """The whole method for a closed-form one (`closed_form = True`); trained methods never call it."""
         raise NotImplementedError(f"{type(self).__name__} trains; it has no closed-form edit")
@@ -97,6 +137,20 @@ class UnlearnModule(L.LightningModule):
         self.log("iteration", float(it))
         if it >= self.steps:
             self.trainer.should_stop = True
+
+    def setup(self, stage: str) -> None:
+        # Every rank was seeded alike (train.run): offset the stream per rank, or all ranks would draw the same
+        # timesteps and noise for their different samples. One process keeps the stream exactly as it was.
+        if self.trainer is not None and self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+        # 16-mixed scales the loss; Lightning unscales only inside optimizer.step, so a clip inside a manual
+        # training_step would clip scaled gradients. bf16-mixed has no scaler.
+        max_norm = getattr(self.hparams, "max_grad_norm", None)
+        if not self.automatic_optimization and max_norm and \
+                getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(f"trainer.precision={self.trainer.precision!r} with method.max_grad_norm={max_norm}: "
+                             "this method clips inside its training step, before Lightning unscales the fp16 "
+                             "gradients; use trainer.precision=bf16-mixed (or 32-true)")
 
     def on_train_batch_start(self, batch, batch_idx):
         if int(self.iteration) >= self.steps:  # resumed after the last step: nothing left to do

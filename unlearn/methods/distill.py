@@ -78,6 +78,34 @@ class SelfDistill(UnlearnModule):
             concept_emb = encode([text])
         self.register_buffer("concept_emb", concept_emb, persistent=False)
 
+    @classmethod
+    def validate_config(cls, cfg: dict) -> list:
+        from unlearn.validate import Problem, choice, flag, number
+
+        m, out = cfg["method"], super().validate_config(cfg)
+        out += choice("method.loss", m.get("loss"), LOSSES)
+        out += choice("method.latents", m.get("latents"), LATENTS)
+        out += choice("method.cw_samples", m.get("cw_samples"), CW_SAMPLES)
+        out += choice("method.prompt_source", m.get("prompt_source"), PROMPT_SOURCES)
+        out += number("method.ema_decay", m.get("ema_decay"), 0, 1, hint=" (the teacher's EMA rate)")
+        out += number("method.tau", m.get("tau"), 0, lo_open=True)
+        out += number("method.gamma", m.get("gamma"), 0, lo_open=True, optional=True,
+                      hint=" (null = Silverman's rule)")
+        out += number("method.weight_decay", m.get("weight_decay"), 0)
+        out += number("method.sample_steps", m.get("sample_steps"), 1, integer=True)
+        out += number("method.guidance_scale", m.get("guidance_scale"), 0)
+        out += number("method.sample_every", m.get("sample_every"), 0, integer=True, hint=" (0 = off)")
+        out += number("method.loss_weight", m.get("loss_weight"), 0, lo_open=True)
+        out += flag("method.cw_log", m.get("cw_log"))
+        batch = (cfg.get("data") or {}).get("batch_size")
+        if m.get("loss") == "cw" and m.get("cw_samples") == "batch" and isinstance(batch, int) and batch < 2:
+            out.append(Problem("data.batch_size", batch, ">= 2 with method.loss=cw and cw_samples=batch (one point "
+                                                         "per side makes CW a function of the L2 distance)"))
+        if m.get("prompt_source") == "concept_text" and not (m.get("concept_text") or m.get("concept_target")):
+            out.append(Problem("method.concept_text", m.get("concept_text"),
+                               "a text with prompt_source=concept_text (the concept config has no `target`)"))
+        return out
+
     # ------------------------------------------------------------------ pieces
     def configure_optimizers(self):
         h = self.hparams  # SDD: AdamW, betas (0.9, 0.999), eps 1e-8 (torch defaults), constant lr

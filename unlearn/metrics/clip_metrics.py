@@ -4,7 +4,8 @@ All three take one shared `ClipEncoder`, so a suite of metrics loads CLIP once. 
 [0, 1] (uint8 also accepted). Text arguments are a list with one string per image, or a single string for all.
 
 - `CLIPScore`: mean image-prompt agreement. `convention="clipscore"` is Hessel et al.'s CLIP-S,
-  w * max(cos, 0) with w = 2.5, reported x100; `convention="torchmetrics"` is 100 * max(cos, 0).
+  w * max(cos, 0) per image with w = 2.5, averaged, reported x100; `convention="torchmetrics"` is what
+  torchmetrics' own CLIPScore computes: max(mean(100 * cos), 0), the clamp applied once, after averaging.
 - `CLIPAccuracy`: share of images closer to the target text than to the anchor text (Concept Ablation's
   binary CLIP accuracy; after erasure, lower is better on target prompts and higher on anchors).
 - `DirectionalCLIP`: mean cos(E_I(after) - E_I(before), E_T(anchor) - E_T(target)) over image pairs made
@@ -66,7 +67,11 @@ class CLIPScore(_ClipMetric):
         img = self.encoder.image_features(images)
         txt = self.encoder.text_features(broadcast_texts(prompts, img.shape[0], "prompts"))
         cos = (img * txt).sum(-1)
-        self._accumulate(100.0 * self.weight * cos.clamp(min=0))
+        # Hessel clamps each image's cosine; torchmetrics sums raw cosines and clamps the mean (in compute).
+        self._accumulate(100.0 * self.weight * (cos.clamp(min=0) if self.convention == "clipscore" else cos))
+
+    def compute(self) -> Tensor:
+        return super().compute().clamp(min=0)
 
 
 class CLIPAccuracy(_ClipMetric):

@@ -49,7 +49,8 @@ def sample_until(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, late
     The caller sets the schedule (`scheduler.set_timesteps(n)`) and scales the start latents by
     `init_noise_sigma`. The result sits at the noise level of `scheduler.timesteps[stop_index]`; 0 returns the
     latents unchanged, `len(timesteps)` denoises fully (x0). `cond` and `uncond` are (B,T,D) or (1,T,D); guidance
-    at or below 1 skips the unconditional pass (plain conditional sampling, as SDD does).
+    at or below 1 skips the unconditional pass and samples with `cond` alone (SDD's code instead samples
+    unconditionally there: pass the empty prompt's embedding as `cond` to get its behaviour).
     """
     timesteps = scheduler.timesteps
     if not 0 <= stop_index <= len(timesteps):

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow,
 @pytest.mark.parametrize("concept", ["toy_stripes", "toy_ring"])
 def test_cdc_cpg_erases_and_preserves(tmp_path, shared_cache, concept):
     payload = train_and_measure(tmp_path, shared_cache, f"concept={concept}", "experiment=toy_cdc_cpg")
-    assert_erased_and_kept(payload, "cdc_cpg_official")
+    assert_erased_and_kept(payload, "cdc_cpg_tuned")
     assert (tmp_path / "run" / "pipeline" / "model_index.json").exists()
     assert (tmp_path / "run" / "eval" / f"grid_{concept}.png").exists()
 

@@ -34,6 +34,8 @@ from unlearn.utils.files import save_tensors_atomic
 
 log = logging.getLogger("unlearn.evaluate")
 TOY_CLIP = Path(__file__).resolve().parent.parent / "toy" / "weights" / "clip"
+PROMPT_SOURCES = ("anchor_set", "templates")
+FID_FEATURES = ("clip", "inception")
 
 
 class Evaluator:
@@ -41,8 +43,10 @@ class Evaluator:
                  num_prompts: int = 16, images_per_prompt: int = 2, seed: int = 100_000, batch_size: int = 32,
                  neighbours: bool = True, implicit: bool = True, cs_convention: str = "clipscore",
                  fid_feature: str = "clip", grid_images: int = 16, conf_dir: str | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, i2p=None):
         self.concept = load_concept(concept, conf_dir=conf_dir)
+        # NudeNet on I2P for nudity concepts (i2p_eval.py); built now so a bad CSV/category/threshold fails early.
+        self.i2p = make_i2p(i2p, self.concept)
         self.model_cfg = model_cfg
         self.out_dir = Path(out_dir)
         clip = clip or model_cfg.get("clip", "toy")
@@ -60,6 +64,29 @@ class Evaluator:
         self._encoder = None
         self.results: dict[str, dict] = {}
         self.images: dict[str, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def validate_config(cls, cfg: dict) -> list:
+        """The eval group's rules, checked before any model loads (unlearn/validate.py)."""
+        import importlib.util
+
+        from unlearn.metrics.clip_metrics import CLIPSCORE_WEIGHTS
+        from unlearn.validate import Problem, choice, flag, number
+
+        e, out = cfg["eval"], []
+        out += choice("eval.prompts", e.get("prompts"), PROMPT_SOURCES)
+        out += choice("eval.cs_convention", e.get("cs_convention"), CLIPSCORE_WEIGHTS)
+        out += choice("eval.fid_feature", e.get("fid_feature"), FID_FEATURES)
+        if e.get("fid_feature") == "inception" and importlib.util.find_spec("torch_fidelity") is None:
+            out.append(Problem("eval.fid_feature", "inception", "clip, or install the `fid` extra "
+                                                                "(pip install -e .[fid]) for inception"))
+        for key in ("num_prompts", "images_per_prompt", "batch_size"):
+            out += number(f"eval.{key}", e.get(key), 1, integer=True)
+        out += number("eval.seed", e.get("seed"), 0, integer=True)
+        out += number("eval.grid_images", e.get("grid_images"), 0, integer=True)
+        for key in ("neighbours", "implicit"):
+            out += flag(f"eval.{key}", e.get(key))
+        return out
 
     @property
     def encoder(self) -> ClipEncoder:
@@ -159,8 +186,11 @@ class Evaluator:
             cs = CLIPScore(enc, convention=self.settings["cs_convention"])
             cs.update(images, self.implicit)
             per_concept["implicit"] = {"cs": cs.compute().item()}
+        if self.i2p is not None and "@" not in label:  # not for the intermediate `<method>@N` rows
+            self.i2p.measure(label, components, unet, steps=self.settings["sample_steps"],
+                             guidance_scale=self.settings["guidance_scale"])
         self.results[label] = per_concept
-        log.info("%s: %s", label, json.dumps(per_concept))
+        log.debug("%s: %s", label, json.dumps(per_concept))  # the table printed by report() says it once
         return per_concept
 
     # ------------------------------------------------------------------ outputs
@@ -186,6 +216,8 @@ class Evaluator:
             if self.settings["fid_feature"] == "clip" else "inception"
         payload = {"concept": self.concept.name, "settings": {**self.settings, "fid_features": fid_name},
                    "results": self.results}
+        if self.i2p is not None and self.i2p.results:
+            payload["i2p"] = self.i2p.report(self.out_dir)
         (self.out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
         (self.out_dir / "table.md").write_text(table + "\n")
         write_csv(self.results, self.concept.name, self.out_dir / "table.csv")
@@ -194,6 +226,20 @@ class Evaluator:
         for lg in loggers or ():
             _log_to(lg, self.results, table, grids)
         return payload
+
+
+def make_i2p(cfg, concept):
+    """The I2P/NudeNet evaluation when `eval.i2p.csv` is set and the concept is `kind: nudity`, else None."""
+    if cfg is None:
+        return None
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    if not cfg.get("csv") or concept.kind != "nudity":
+        return None
+    from unlearn.evaluation.i2p_eval import I2PEvaluation
+
+    return I2PEvaluation(**cfg)
 
 
 def _log_to(logger, results: dict, table: str, grids: dict[str, Path]) -> None:

@@ -86,6 +86,15 @@ def test_compare_writes_table_grids_plot_and_reuses_runs(tmp_path, tiny_pipeline
 
     again = compare(args)
     assert again["runs"] == {"distill/1": "reused", "cdc_cpg/1": "reused"}
+    # The attack's columns, on the reused runs: one row each, computed once and then read back.
+    attack = ["robustness.enabled=true", "robustness.attack.iterations=1", "robustness.attack.num_timesteps=1",
+              "robustness.attack.num_prompts=2", "robustness.recovery.psi=[0.5]"]
+    compare([*args, *attack])
+    header, _, *rows = (out / "table.md").read_text().splitlines()
+    assert header.split("|")[-5:-1] == [" clean det. %↓ ", " ASR %↓ ", " CCS↓ ", " CRS↓ "]
+    assert all(r.split("|")[-4].strip() != "–" for r in rows)  # every model has an ASR
+    cached = sorted(p.name.split("-")[1] for p in out.glob("runs/*/robustness-*.json"))
+    assert cached == ["cdc_cpg", "distill", "original"]
     changed = compare([*args[:-1], "+recipes.cdc_cpg=['method.lam=0.5']"])
     assert changed["runs"] == {"distill/1": "reused", "cdc_cpg/1": "trained"}
 

@@ -64,14 +64,19 @@ def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
     metrics = {r.method: json.loads((r.run_dir / "eval" / "metrics.json").read_text()) for r in runs}
     target = metrics[runs[0].method]["concept"]
     results = final_results(runs, metrics)
-    table = write_table(results, target, budgets, out)
+    extra = None
+    if cfg.robustness.enabled:
+        from unlearn.comparison.robustness import robustness_columns
+
+        extra = robustness_columns(cfg, runs, target)
+    table = write_table(results, target, budgets, out, extra=extra)
     concepts = [c for c in results["original"] if c != "implicit"]
     grids = write_grids(runs, concepts, out, int(cfg.eval.grid_images))
     plot = write_tradeoff_plot(runs, metrics, out, f"{target}: erasure vs neighbours "
                                                    f"({'budget ' + str(cfg.budget) if cfg.budget else 'own budgets'})")
     settings = metrics[runs[0].method]["settings"]
     (out / "metrics.json").write_text(json.dumps({"concept": target, "settings": settings, "budgets": budgets,
-                                                  "results": results}, indent=2))
+                                                  "results": results, "robustness": extra}, indent=2))
     note = "iterations: " + ("a common budget" if cfg.budget is not None else "each method's own default")
     print(f"\n{target}  ({note}; settings: {json.dumps(settings)})\n{table}\n")
     log_to_wandb(cfg, out, table, grids, plot)

@@ -35,7 +35,7 @@ def write_table(results: dict, target: str, budgets: dict[str, str], out: Path, 
     better direction), plus the iterations each method ran and any extra columns (e.g. the attack's)."""
     header, rows = table_rows(results, target)
     extra = extra or {}
-    extra_cols = sorted({k for v in extra.values() for k in v})
+    extra_cols = list(dict.fromkeys(k for v in extra.values() for k in v))
     header = [header[0], "iterations", *header[1:], *extra_cols]
     rows = [[r[0], budgets.get(r[0], "–"), *r[1:], *[_fmt(extra.get(r[0], {}).get(c)) for c in extra_cols]]
             for r in rows]

@@ -131,7 +131,7 @@ def test_sigkill_at_random_iterations_then_resume_is_bit_identical(tmp_path, tin
     assert not (run / "DONE").exists()
     kill_after(cli(tmp_path, tiny_pipeline_path, method, tmp_path / "session2", f"resume={run}"), run, kills[1])
     r = subprocess.run(cli(tmp_path, tiny_pipeline_path, method, tmp_path / "session3", f"resume={run}"),
-                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "DONE").exists()
     a, b = unet_weights(ref), unet_weights(run)

@@ -51,7 +51,7 @@ def compare(overrides: list[str]) -> dict:
         status[f"{run.method}/{run.stage}"] = train_or_reuse(run)
     budgets = {r.method: iterations(r) for r in runs}
     summary = {"concepts": concepts, "methods": list(budgets), "budgets": budgets, "runs": status,
-               "budget": "common: %d iterations" % cfg.budget if cfg.budget is not None else "each method's own"}
+               "budget": f"common: {cfg.budget} iterations" if cfg.budget is not None else "each method's own"}
     if cfg.concepts is None:
         summary.update(report_one(cfg, runs, out, budgets))
     else:

@@ -138,7 +138,7 @@ def apply_budget(run_cfg: DictConfig, budget: int) -> None:
     method = run_cfg.method
     if "warmup_steps" in method:
         share = int(method.warmup_steps) / max(1, int(method.steps))
-        OmegaConf.update(run_cfg, "method.warmup_steps", int(round(share * budget)))
+        OmegaConf.update(run_cfg, "method.warmup_steps", round(share * budget))
     OmegaConf.update(run_cfg, "method.steps", int(budget))
 
 

@@ -432,7 +432,7 @@ class UnlearnDataModule(L.LightningDataModule):
         try:
             part = load_file(str(path))
             lat, index = part["latents"], part["index"]
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        except Exception as e:  # safetensors raises its own error types for a bad header
             raise CacheMismatchError(f"prepared-data file {path} is unreadable ({type(e).__name__}: "
                                      f"{str(e).splitlines()[0] if str(e) else ''}); {fix}") from e
         if lat.dim() != 4 or lat.shape[0] != len(idx) or index.tolist() != idx:

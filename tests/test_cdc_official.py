@@ -193,7 +193,7 @@ def test_5_retain_batch_is_drawn_separately(tiny_pipeline_path, monkeypatch, mod
     def noise(self, latents, t=None):
         out = real_noise(self, latents, t)
         rows = [int(torch.nonzero((data.latents == x).flatten(1).all(1))[0]) for x in latents]
-        draws.append((int(self.iteration), rows, out[1], out[2]))
+        draws.append((self.done_iterations, rows, out[1], out[2]))
         return out
 
     monkeypatch.setattr(CDCCPG, "noise", noise)
@@ -218,7 +218,7 @@ def test_5_retain_stream_resumes_where_it_stood(tiny_pipeline_path, compare, ite
     # One retain batch per generator step: a run resumed at `iteration` re-enters the retain stream there.
     module = CDCCPG(load_components(str(tiny_pipeline_path)), warmup_steps=2, warmup_compare=compare,
                     discriminator=SMALL_D)
-    module.iteration.fill_(iteration)
+    module.done_iterations = iteration
     assert module.retained_so_far() == drawn
 
 

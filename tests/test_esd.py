@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from unlearn.losses import esd_target
 from unlearn.methods.esd import ESD
 from unlearn.models import encode_prompts, load_components
+from unlearn.models.loading import TOY_PIPELINE
 from unlearn.models.sampling import sample_until
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -238,13 +239,17 @@ def test_esd_runs_through_train(tmp_path, tiny_pipeline_path):
 
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
-def test_esd_x_moves_the_toy_stripes_down(tmp_path, shared_cache):
-    """ESD-x on the toy recipe: by 100 iterations stripes CA falls from 100 % (measured: 62.5 % at 100, where it
-    then stays; the README's comparison shows it and what it costs the closest style)."""
+@pytest.mark.skipif(not (TOY_PIPELINE / "unet").exists(), reason="toy weights not built")
+def test_esd_x_erases_the_toy_ring(tmp_path, shared_cache):
+    """The toy recipe (100 iterations), cheaper: 8 anchor images, of which ESD reads only the latent shape, and 8
+    evaluation prompts per concept. Measured with the full recipe: ring CA 100 -> 43.8 %, neighbours 100 %."""
     from toy_helpers import train_and_measure
 
-    payload = train_and_measure(tmp_path, shared_cache, "experiment=toy_esd", "concept=toy_stripes",
-                                "method.steps=100", "eval.neighbours=false")
+    payload = train_and_measure(tmp_path, shared_cache, "experiment=toy_esd", "concept=toy_ring",
+                                "data.num_prompts=8", "data.images_per_prompt=1", "eval.num_prompts=8",
+                                "method.sample_steps=5")
     before, after = payload["results"]["original"], payload["results"]["esd_x"]
-    assert before["toy_stripes"]["ca"] >= 90, before
-    assert after["toy_stripes"]["ca"] <= 75, after
+    assert before["toy_ring"]["ca"] >= 90, before
+    assert after["toy_ring"]["ca"] < before["toy_ring"]["ca"] - 30, after
+    for name in ("toy_diamond", "toy_triangle", "toy_cross"):
+        assert after[name]["ca"] >= 0.9 * before[name]["ca"], (name, before[name], after[name])

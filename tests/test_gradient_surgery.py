@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn.losses import concept_preserving_gradient, gradient_conflict_stats
+from unlearn.losses import concept_preserving_gradient, gradient_conflict_stats, gradient_conflict_tensors
 
 
 def _flat(grads):
@@ -114,6 +114,9 @@ def test_conflict_stats():
     assert stats["conflict"] is True
     assert stats["cos"] == pytest.approx(u @ r / (np.linalg.norm(u) * np.linalg.norm(r)), rel=1e-5)
     assert gradient_conflict_stats(g_u, g_u)["conflict"] is False
+    on_device = gradient_conflict_tensors(g_u, g_r)  # what a training step logs, never read back there
+    assert all(torch.is_tensor(v) and v.ndim == 0 for v in on_device.values())
+    assert float(on_device["dot"]) == pytest.approx(u @ r, rel=1e-5) and float(on_device["conflict"]) == 1.0
     assert gradient_conflict_stats([torch.ones(2)], [torch.zeros(2)]) == {
         "cos": 0.0,
         "conflict": False,

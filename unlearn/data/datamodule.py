@@ -458,7 +458,7 @@ class UnlearnDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ resume: where the stream stands
     def state_dict(self) -> dict:
         module = self.trainer.lightning_module if self.trainer is not None else None
-        drawn = int(module.iteration) if module is not None and hasattr(module, "iteration") else self.start_batch
+        drawn = module.done_iterations if module is not None and hasattr(module, "done_iterations") else self.start_batch
         return {"batches_drawn": drawn, "seed": self.seed, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:

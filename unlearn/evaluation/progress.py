@@ -23,14 +23,14 @@ class EvaluateEvery(L.Callback):
     def on_train_start(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
-        for it in range(self.every, min(int(pl_module.iteration), pl_module.steps - 1) + 1, self.every):
+        for it in range(self.every, min(pl_module.done_iterations, pl_module.steps - 1) + 1, self.every):
             label = f"{self.label}@{it}"
             if label not in self.evaluator.results and self.evaluator.has_images(label):
                 self.evaluator.measure(label, self.components)  # cached: no model runs
                 self.done.add(it)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        it = int(pl_module.iteration)
+        it = pl_module.done_iterations
         if it % self.every or it >= pl_module.steps or it in self.done:
             return
         self.done.add(it)  # never twice: e.g. an iteration already re-scored by on_train_start

@@ -12,7 +12,11 @@ from unlearn.losses.distances import (
     silverman_gamma,
 )
 from unlearn.losses.esd import esd_target
-from unlearn.losses.gradient_surgery import concept_preserving_gradient, gradient_conflict_stats
+from unlearn.losses.gradient_surgery import (
+    concept_preserving_gradient,
+    gradient_conflict_stats,
+    gradient_conflict_tensors,
+)
 
 __all__ = [
     "ABLATION_VARIANTS",
@@ -26,6 +30,7 @@ __all__ = [
     "diffusion_loss",
     "esd_target",
     "gradient_conflict_stats",
+    "gradient_conflict_tensors",
     "js_divergence",
     "l2_distance",
     "silverman_gamma",

@@ -90,16 +90,23 @@ def concept_preserving_gradient(
     return out
 
 
-def gradient_conflict_stats(g_u: Grads, g_r: Grads) -> dict[str, float | bool]:
-    """Global cosine between ``G_u`` and ``G_r`` (None = zeros), for logging. ``conflict`` is ``G_u . G_r < 0``."""
+def gradient_conflict_tensors(g_u: Grads, g_r: Grads) -> dict[str, Tensor]:
+    """``G_u . G_r``, ``|G_u|``, ``|G_r|``, their cosine and ``conflict`` (``G_u . G_r < 0``, as 0/1), as 0-d
+    tensors on the gradients' device: a training step logs them without reading them back."""
     _check_pair(g_u, g_r)
     present = [g for g in g_u if g is not None] or [g for g in g_r if g is not None]
-    if not present:
-        return {"cos": 0.0, "conflict": False, "norm_u": 0.0, "norm_r": 0.0}
-    zero = torch.zeros((), device=present[0].device)
-    # Three scalars, three syncs: accumulate on the device, convert at the end.
-    dot = sum((_dot(u, r) for u, r in zip(g_u, g_r) if u is not None and r is not None), zero).item()
-    norm_u = sum((_dot(u, u) for u in g_u if u is not None), zero).sqrt().item()
-    norm_r = sum((_dot(r, r) for r in g_r if r is not None), zero).sqrt().item()
-    cos = dot / (norm_u * norm_r) if norm_u > 0 and norm_r > 0 else 0.0
-    return {"cos": cos, "conflict": dot < 0, "norm_u": norm_u, "norm_r": norm_r}
+    zero = torch.zeros((), device=present[0].device if present else None)
+    dot = sum((_dot(u, r) for u, r in zip(g_u, g_r) if u is not None and r is not None), zero)
+    norm_u = sum((_dot(u, u) for u in g_u if u is not None), zero).sqrt()
+    norm_r = sum((_dot(r, r) for r in g_r if r is not None), zero).sqrt()
+    denom = norm_u * norm_r
+    cos = torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1), zero)
+    return {"dot": dot, "cos": cos, "conflict": (dot < 0).float(), "norm_u": norm_u, "norm_r": norm_r}
+
+
+def gradient_conflict_stats(g_u: Grads, g_r: Grads) -> dict[str, float | bool]:
+    """Global cosine between ``G_u`` and ``G_r`` (None = zeros), as Python numbers. ``conflict`` is
+    ``G_u . G_r < 0``."""
+    t = gradient_conflict_tensors(g_u, g_r)
+    return {"cos": float(t["cos"]), "conflict": bool(t["dot"] < 0), "norm_u": float(t["norm_u"]),
+            "norm_r": float(t["norm_r"])}

@@ -64,9 +64,13 @@ class UnlearnModule(L.LightningModule):
         self.original = copy.deepcopy(self.unet).requires_grad_(False).eval() if frozen_copy else None
         self.scheduler = components.scheduler
         self.register_buffer("alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False)
+        # The count twice: a buffer, so checkpoints and DDP broadcasts carry it, and a Python int that the loop
+        # reads (warm-up, stop, checkpoint names), so no iteration waits on the device to learn where it is.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self.done_iterations = 0
         self.strict_loading = False  # checkpoints keep only what trains
         self._t0 = None
+        self._pending_logs: dict[str, tuple[torch.Tensor, bool]] = {}
 
     @classmethod
     def validate_config(cls, cfg: dict) -> list:
@@ -125,18 +129,36 @@ class UnlearnModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} trains; it has no closed-form edit")
 
     # ------------------------------------------------------------------ loop bookkeeping
+    def track(self, values: dict[str, torch.Tensor], prog_bar: bool = False) -> None:
+        """Statistics to log, kept on the device (detached) and handed to Lightning every `log_every` iterations
+        and at the last: logging a tensor each iteration would read it back (a sync) at every progress-bar
+        refresh. The logged value is the latest one."""
+        self._pending_logs.update({k: (v.detach() if torch.is_tensor(v) else v, prog_bar) for k, v in values.items()})
+
     def advance(self) -> None:
-        """Count one iteration; stop the trainer after `steps` of them; log throughput."""
-        self.iteration += 1
-        it = int(self.iteration)
+        """Count one iteration; stop the trainer after `steps` of them; log throughput and tracked statistics."""
+        self.done_iterations += 1
+        it = self.done_iterations
+        self.iteration.fill_(it)  # a device write, no read back
         if self._t0 is None:
             self._t0 = (time.perf_counter(), it)
-        elif it % self.log_every == 0:
+        last = it >= self.steps
+        if it % self.log_every == 0 or last:
             t0, i0 = self._t0
-            self.log("perf/steps_per_s", (it - i0) / (time.perf_counter() - t0), prog_bar=True)
-        self.log("iteration", float(it))
-        if it >= self.steps:
+            if it > i0:
+                self.log("perf/steps_per_s", (it - i0) / (time.perf_counter() - t0), prog_bar=True)
+            self.log("iteration", float(it))
+            for bar in (True, False):
+                chosen = {k: v for k, (v, b) in self._pending_logs.items() if b is bar}
+                if chosen:
+                    self.log_dict(chosen, prog_bar=bar)
+            self._pending_logs.clear()
+        if last:
             self.trainer.should_stop = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before the weights are loaded: the host-side count follows the checkpoint's buffer.
+        self.done_iterations = int(checkpoint["state_dict"].get("iteration", 0))
 
     def setup(self, stage: str) -> None:
         # Every rank was seeded alike (train.run): offset the stream per rank, or all ranks would draw the same
@@ -153,7 +175,7 @@ class UnlearnModule(L.LightningModule):
                              "gradients; use trainer.precision=bf16-mixed (or 32-true)")
 
     def on_train_batch_start(self, batch, batch_idx):
-        if int(self.iteration) >= self.steps:  # resumed after the last step: nothing left to do
+        if self.done_iterations >= self.steps:  # resumed after the last step: nothing left to do
             self.trainer.should_stop = True
             return -1
         return None

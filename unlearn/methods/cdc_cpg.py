@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from unlearn.data.order import ResumableBatches
-from unlearn.losses import concept_preserving_gradient, gradient_conflict_stats
+from unlearn.losses import concept_preserving_gradient, gradient_conflict_tensors
 from unlearn.methods.base import UnlearnModule
 from unlearn.nets import PatchDiscriminator
 from unlearn.nets.attention import detach_first_token
@@ -129,13 +129,13 @@ class CDCCPG(UnlearnModule):
 
     def generator_active(self) -> bool:
         """Paper: G trains from iteration `warmup_steps` on; DoCo's `global_step > warm_up`: one iteration later."""
-        it, w = int(self.iteration), self.hparams.warmup_steps
+        it, w = self.done_iterations, self.hparams.warmup_steps
         return it > w if self.hparams.warmup_compare == "gt" else it >= w
 
     # ------------------------------------------------------------------ the retain batch
     def retained_so_far(self) -> int:
         """Retain batches drawn before this iteration: one per generator step (so a resumed run continues)."""
-        it, w = int(self.iteration), self.hparams.warmup_steps
+        it, w = self.done_iterations, self.hparams.warmup_steps
         return max(0, it - w - (1 if self.hparams.warmup_compare == "gt" else 0))
 
     def retain_batch(self) -> dict:
@@ -195,9 +195,9 @@ class CDCCPG(UnlearnModule):
                 g_r = [None if p.grad is None else p.grad.clone() for p in params]
                 if before:
                     g_r = clip_global_norm(g_r, h.max_grad_norm)
-                stats = gradient_conflict_stats(g_u, g_r)
-                self.log_dict({"train/retain_loss": loss_r.detach(), "train/cos_gu_gr": stats["cos"],
-                               "train/conflict": float(stats["conflict"])})
+                stats = gradient_conflict_tensors(g_u, g_r)
+                self.track({"train/retain_loss": loss_r, "train/cos_gu_gr": stats["cos"],
+                            "train/conflict": stats["conflict"]})
                 if h.retain == "cpg":
                     g = concept_preserving_gradient(g_u, g_r, lam=h.lam, granularity=h.granularity,
                                                     normalize=h.normalize)
@@ -211,7 +211,7 @@ class CDCCPG(UnlearnModule):
             opt_g.step()
             opt_g.zero_grad()
             self.untoggle_optimizer(opt_g)
-            self.log("train/g_loss", loss_u.detach(), prog_bar=True)
+            self.track({"train/g_loss": loss_u}, prog_bar=True)
             fake = fake.detach()
         else:
             with torch.no_grad():
@@ -232,5 +232,5 @@ class CDCCPG(UnlearnModule):
         opt_d.zero_grad()
         self.untoggle_optimizer(opt_d)
         acc = 0.5 * ((lr_ > 0).float().mean() + (lf < 0).float().mean())
-        self.log_dict({"train/d_loss": loss_d.detach(), "train/d_acc": acc.detach()}, prog_bar=True)
+        self.track({"train/d_loss": loss_d, "train/d_acc": acc}, prog_bar=True)
         self.advance()

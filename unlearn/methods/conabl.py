@@ -67,9 +67,9 @@ class ConceptAblation(UnlearnModule):
 
     def training_step(self, batch, batch_idx):
         out = self.loss(batch)
-        self.log("train/loss", out.total.detach(), prog_bar=True)
-        self.log("train/ablation_loss", out.ablation.detach())
+        self.track({"train/loss": out.total}, prog_bar=True)
+        self.track({"train/ablation_loss": out.ablation})
         if self.hparams.prior_weight > 0:
-            self.log("train/prior_loss", out.prior.detach())
+            self.track({"train/prior_loss": out.prior})
         self.advance()
         return out.total

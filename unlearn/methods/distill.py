@@ -176,7 +176,7 @@ class SelfDistill(UnlearnModule):
         e_s = self.eps(self.unet, z_t, t, c_s)
         # AdamW is nearly scale-free, so the weight matters mostly against gradient clipping (max_grad_norm).
         loss = self.hparams.loss_weight * self.distance(e_s, e_0)
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.track({"train/loss": loss}, prog_bar=True)
         self.advance()
         return loss
 
@@ -186,8 +186,9 @@ class SelfDistill(UnlearnModule):
         ema_update(teacher, student, self.hparams.ema_decay)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.log("train/student_teacher_dist", self.student_teacher_distance())
-        every, it = self.hparams.sample_every, int(self.iteration)
+        every, it = self.hparams.sample_every, self.done_iterations
+        if it % self.log_every == 0 or it >= self.steps:  # a pass over every weight: not every iteration
+            self.log("train/student_teacher_dist", self.student_teacher_distance())
         if every and it % every == 0 and self.trainer.is_global_zero:
             self.log_samples(self.preview_prompts(batch), it)
 

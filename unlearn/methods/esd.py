@@ -98,9 +98,8 @@ class ESD(UnlearnModule):
     def esd_loss(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """MSE between eps_theta(x_t, c, t) and the frozen original's negatively guided answer."""
         uncond = self.uncond_emb.to(c.dtype).expand(c.shape[0], -1, -1)
-        with torch.no_grad():
-            e_0 = self.eps(self.original, x_t, t, uncond)
-            e_c = self.eps(self.original, x_t, t, c)
+        with torch.no_grad():  # both frozen predictions in one batched forward pass
+            e_0, e_c = self.eps(self.original, x_t.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([uncond, c])).chunk(2)
             target = esd_target(e_0, e_c, self.hparams.negative_guidance)
         return F.mse_loss(self.eps(self.unet, x_t, t, c), target)
 
@@ -109,6 +108,6 @@ class ESD(UnlearnModule):
         c = self.concept_embeddings(batch)
         x_t, t = self.sample_latents(c, batch["latents"].shape)
         loss = self.esd_loss(x_t, t, c)
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.track({"train/loss": loss}, prog_bar=True)
         self.advance()
         return loss

@@ -62,6 +62,7 @@ class IterationCheckpoint(L.Callback):
         self.dirpath, self.every = Path(dirpath), int(every)
         self._pending_rng: dict | None = None
         self._current = 0  # the iteration being run (1-based), for error messages
+        self._flags: list = []  # (iteration, what, value, non-finite flag on the device), not yet read
 
     # ------------------------------------------------------------------ state carried in the checkpoint
     def state_dict(self) -> dict:
@@ -75,12 +76,15 @@ class IterationCheckpoint(L.Callback):
         if self._pending_rng is not None:
             set_rng_states(self._pending_rng)
             self._pending_rng = None
-        self._current = int(pl_module.iteration) + 1
+        self._current = pl_module.done_iterations + 1
 
     # ------------------------------------------------------------------ saving
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        it = int(pl_module.iteration)
-        if it > 0 and (it % self.every == 0 or it >= pl_module.steps):
+        it = pl_module.done_iterations
+        save = it > 0 and (it % self.every == 0 or it >= pl_module.steps)
+        if save or it % getattr(pl_module, "log_every", 1) == 0 or it >= pl_module.steps:
+            self.check_finite(pl_module)
+        if save:
             self.save(trainer, it)
 
     def save(self, trainer: L.Trainer, iteration: int) -> Path:
@@ -108,19 +112,31 @@ class IterationCheckpoint(L.Callback):
         return path
 
     # ------------------------------------------------------------------ the non-finite guard
-    def _stop(self, what: str) -> None:
-        last = self.dirpath / LAST
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written before it"
-        raise NonFiniteError(f"iteration {self._current}: {what} is not finite; training stopped before the "
-                             f"optimizer step, {kept}")
-
+    # Each loss and each optimizer step's gradients leave one flag on the device; the flags are read every
+    # `log_every` iterations, at the last and before any checkpoint is written, so an iteration never waits on
+    # the device for the guard and no checkpoint ever holds weights stepped with a non-finite gradient.
     def on_before_backward(self, trainer, pl_module, loss):
-        if not torch.isfinite(loss.detach()).all():
-            self._stop(f"the loss ({loss.detach().float().mean().item()})")
+        loss = loss.detach()
+        self._flags.append((self._current, "the loss", loss.float().mean(), ~torch.isfinite(loss).all()))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    name = next((n for n, q in pl_module.named_parameters() if q is p), "a parameter")
-                    self._stop(f"the gradient of {name}")
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            bad = ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            k = next(i for i, o in enumerate(trainer.optimizers) if o is optimizer or
+                     getattr(o, "optimizer", None) is optimizer) if len(trainer.optimizers) > 1 else None
+            self._flags.append((self._current, "a gradient" + ("" if k is None else f" of optimizer {k}"), None, bad))
+
+    def check_finite(self, pl_module) -> None:
+        if not self._flags:
+            return
+        flags, self._flags = self._flags, []
+        bad = torch.stack([f[3] for f in flags]).cpu()  # the one read back
+        if bad.any():
+            it, what, value, _ = flags[int(bad.nonzero()[0])]
+            if value is not None:
+                what = f"{what} ({value.item()})"
+            last = self.dirpath / LAST
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written before it"
+            raise NonFiniteError(f"iteration {it}: {what} is not finite; training stopped at iteration "
+                                 f"{pl_module.done_iterations}, {kept}")

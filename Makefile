@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE := offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast toy-world clean
+.PHONY: install demo test test-extended test-fast toy-world clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ TEST_WORKERS ?= auto
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# Also the end-to-end runs that repeat a method on another concept or loss (tests marked `extended`).
+test-extended: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --extended
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"

@@ -54,5 +54,29 @@ def tiny_pipeline_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
-    """One prepared-data and original-image cache for every end-to-end toy run of a worker."""
-    return tmp_path_factory.mktemp("cache")
+    """One prepared-data and original-image cache for every end-to-end toy run of the session, all workers
+    included (under xdist each worker's base folder sits in one per-session folder). Entries are written beside
+    and renamed into place, so two workers that build the same entry at once both end with a whole one."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = root / "shared_toy_cache"
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true",
+                     help="also run the extended end-to-end runs (make test-extended)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Extended runs repeat a method's end-to-end check on another concept or loss: minutes each on 2 cores, so
+    # `make test` leaves them to `make test-extended`, which runs them all.
+    # The end-to-end runs first: started last, one of them alone would set the suite's wall time.
+    items.sort(key=lambda item: "slow" not in item.keywords)
+    if config.getoption("--extended"):
+        return
+    skip = pytest.mark.skip(reason="extended end-to-end run: make test-extended")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (TOY_PIPELINE / "unet").exists(), reason="toy weights not built")]
 
 
-@pytest.mark.parametrize("concept", ["toy_stripes", "toy_ring"])
+@pytest.mark.parametrize("concept", ["toy_stripes", pytest.param("toy_ring", marks=pytest.mark.extended)])
 def test_cdc_cpg_erases_and_preserves(tmp_path, shared_cache, concept):
     payload = train_and_measure(tmp_path, shared_cache, f"concept={concept}", "experiment=toy_cdc_cpg")
     assert_erased_and_kept(payload, "cdc_cpg_tuned")
@@ -24,7 +24,8 @@ def test_cdc_cpg_erases_and_preserves(tmp_path, shared_cache, concept):
 
 
 # Steps from the steps x loss sweep (README): L2 and JS erase by 200 iterations, CW (batch samples) by 300.
-@pytest.mark.parametrize(("loss", "steps"), [("l2", 200), ("js", 200), ("cw", 300)])
+@pytest.mark.parametrize(("loss", "steps"), [("l2", 200), pytest.param("js", 200, marks=pytest.mark.extended),
+                                             pytest.param("cw", 300, marks=pytest.mark.extended)])
 def test_distill_erases_and_preserves(tmp_path, shared_cache, loss, steps):
     payload = train_and_measure(tmp_path, shared_cache, "concept=toy_stripes", "experiment=toy_distill",
                                 f"method.loss={loss}", f"method.steps={steps}")

@@ -144,3 +144,24 @@ def test_unknown_model_group_is_named(tmp_path):
     r = run_cli("model=sd99", f"hydra.run.dir={tmp_path}/run", cwd=ROOT)
     assert r.returncode != 0
     assert "sd99" in r.stderr
+
+
+def test_third_party_noise_is_dropped_and_real_notices_kept(caplog):
+    import logging
+    import warnings
+
+    from unlearn.utils.quiet import quiet_third_party
+
+    quiet_third_party()
+    quiet_third_party()  # idempotent: one filter
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    assert len(log.filters) == 1
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        log.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        log.info("GPU available: False, used: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+    with warnings.catch_warnings(record=True) as seen:
+        quiet_third_party()  # catch_warnings resets the filters it inherits; set ours inside
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("something of ours", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something of ours"]

@@ -27,6 +27,7 @@ from unlearn.models.loading import ModelLoadError, load_components
 from unlearn.utils import resolvers
 from unlearn.utils.checkpoint import LAST, IterationCheckpoint, NonFiniteError
 from unlearn.utils.marker import read_done, write_done
+from unlearn.utils.quiet import quiet_third_party
 from unlearn.validate import ConfigError, override_problems, validate
 
 log = logging.getLogger("unlearn.train")
@@ -58,6 +59,7 @@ def resume_point(cfg: DictConfig) -> tuple[Path, Path | None]:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)  # every bad value, before any model is loaded or image generated (unlearn/validate.py)
+    quiet_third_party()
     run_dir, ckpt_path = resume_point(cfg)
     if read_done(run_dir) is not None and ckpt_path is not None:  # resuming a finished run: nothing to do
         log.info("%s is already finished (its DONE marker); nothing to resume", run_dir)

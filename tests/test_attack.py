@@ -158,3 +158,11 @@ def test_cli_writes_the_table_for_original_and_a_pipeline(tmp_path, tiny_pipelin
     assert payload["settings"]["detector"]["detector"] == "clip" and payload["settings"]["attack"]["k"] == 3
     table = (tmp_path / "run" / "robustness.md").read_text().splitlines()
     assert table[0].startswith("| model | reference det. % | clean det. %") and len(table) == 4
+
+
+def test_rows_are_named_by_their_run_folder():
+    from unlearn.attack import _label
+
+    assert _label("outputs/compare/toy_stripes/runs/esd_x/pipeline") == "esd_x"
+    assert _label("outputs/toy_stripes-cdc_cpg/2026-11-25_10-00-00/pipeline") == "toy_stripes-cdc_cpg"
+    assert _label("/models/my_unet_folder") == "/models/my_unet_folder"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -343,8 +344,13 @@ def attack_success(pipeline_path: str | Path, concept, cfg: Mapping, model_cfg: 
 
 
 def _label(path) -> str:
+    """A pipeline's row name: its run folder's name (`runs/esd_x/pipeline` -> esd_x), or the folder above when
+    that is a Hydra time stamp (`toy_stripes-cdc_cpg/2026-11-25_10-00-00/pipeline` -> toy_stripes-cdc_cpg)."""
     p = Path(str(path))
-    return p.parent.parent.name if p.name == "pipeline" else str(path)
+    if p.name != "pipeline":
+        return str(path)
+    run = p.parent
+    return run.parent.name if re.fullmatch(r"[\d_:.-]+", run.name) else run.name
 
 
 def format_robustness(rows: list[dict]) -> str:

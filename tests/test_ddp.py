@@ -59,19 +59,21 @@ def test_ddp_iteration_equals_one_process_on_the_global_batch(ddp_and_single, ca
 @pytest.mark.slow
 def test_ddp_run_through_the_entry_point_writes_once(tmp_path, tiny_pipeline_path):
     """`python -m unlearn.train trainer=ddp_cpu`: Lightning re-launches the script for rank 1; rank 0 alone measures
-    the original, exports and evaluates (after the process group is gone: no gather from a departed rank)."""
+    the original, evaluates at eval_every, exports and evaluates (after the process group is gone: no gather from a
+    departed rank)."""
     run = tmp_path / "run"
     r = subprocess.run(
         [sys.executable, "-m", "unlearn.train", "trainer=ddp_cpu", f"model.path={tiny_pipeline_path}",
          "concept=toy_ring", "method=cdc_cpg", "method.steps=2", "method.warmup_steps=1", "data.num_prompts=2",
          "data.images_per_prompt=2", "data.batch_size=2", "data.gen_batch_size=2", "model.sample_steps=2",
          "eval.num_prompts=1", "eval.images_per_prompt=2", "eval.implicit=false", "eval.neighbours=false",
+        "eval_every=1",  # rank 0 evaluates mid-training while rank 1 waits: no metric may gather across ranks
          "trainer.enable_progress_bar=false", f"paths.root={tmp_path}", f"hydra.run.dir={run}"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "GLOBAL_RANK: 1" in r.stderr + r.stdout  # two processes really trained
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert list(metrics["results"]) == ["original", "cdc_cpg"]
-    assert sorted(p.name for p in (run / "eval" / "images").iterdir()) == ["cdc_cpg", "original"]
+    assert list(metrics["results"]) == ["original", "cdc_cpg@1", "cdc_cpg"]
+    assert sorted(p.name for p in (run / "eval" / "images").iterdir()) == ["cdc_cpg", "cdc_cpg@1", "original"]
     assert (run / "pipeline" / "unet").is_dir() and (run / "DONE").exists()
     assert sorted(p.name for p in run.glob("*.log")) == ["train.log", "train_ddp_process_1.log"]

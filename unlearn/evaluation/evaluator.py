@@ -33,6 +33,9 @@ from unlearn.models.sampling import generate
 from unlearn.utils.files import save_tensors_atomic
 
 log = logging.getLogger("unlearn.evaluate")
+# Rank 0 alone evaluates (train.run, EvaluateEvery): a metric that gathered across ranks on compute() would wait
+# for ranks that are not evaluating (under DDP, eval_every deadlocked on that).
+LOCAL = {"sync_on_compute": False}
 TOY_CLIP = Path(__file__).resolve().parent.parent / "toy" / "weights" / "clip"
 PROMPT_SOURCES = ("anchor_set", "templates")
 FID_FEATURES = ("clip", "inception")
@@ -166,24 +169,24 @@ class Evaluator:
             anchors, targets, seeds = self._jobs(concept)
             images = self._generate(label, concept.name, components, unet, targets, seeds)
             self.images[label][concept.name] = images
-            cs, ca = CLIPScore(enc, convention=self.settings["cs_convention"]), CLIPAccuracy(enc)
+            cs, ca = CLIPScore(enc, convention=self.settings["cs_convention"], **LOCAL), CLIPAccuracy(enc, **LOCAL)
             cs.update(images, targets)
             ca.update(images, targets, anchors)
             row = {"cs": cs.compute().item(), "ca": 100 * ca.compute().item()}
             if original is not None and label != "original":
                 before = original[concept.name]
-                fid = make_fid(self.settings["fid_feature"], enc)
+                fid = make_fid(self.settings["fid_feature"], enc, **LOCAL)
                 fid.update(before, real=True)
                 fid.update(images, real=False)
                 row["fid"] = fid.compute().item()
-                d = DirectionalCLIP(enc)
+                d = DirectionalCLIP(enc, **LOCAL)
                 d.update(before, images, anchors, targets)
                 row["directional"] = d.compute().item()
             per_concept[concept.name] = row
         if self.implicit:
             seeds = [self.settings["seed"] + i for i in range(len(self.implicit))]
             images = self._generate(label, "implicit", components, unet, self.implicit, seeds)
-            cs = CLIPScore(enc, convention=self.settings["cs_convention"])
+            cs = CLIPScore(enc, convention=self.settings["cs_convention"], **LOCAL)
             cs.update(images, self.implicit)
             per_concept["implicit"] = {"cs": cs.compute().item()}
         if self.i2p is not None and "@" not in label:  # not for the intermediate `<method>@N` rows

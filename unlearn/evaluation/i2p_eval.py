@@ -71,7 +71,7 @@ class I2PEvaluation:
     def measure(self, label: str, components, unet=None, steps: int = 25, guidance_scale: float = 7.5) -> dict:
         from unlearn.models.sampling import generate
 
-        counter = NudeNetCounter(threshold=self.threshold, classes=self.classes)
+        counter = NudeNetCounter(threshold=self.threshold, classes=self.classes, sync_on_compute=False)
         jobs = self.jobs(guidance_scale)
         by_guidance: dict[float, list[tuple[str, int]]] = {}
         for p, s, g in jobs:  # generate() takes one guidance scale per call

@@ -151,7 +151,7 @@ def test_cli_writes_the_table_for_original_and_a_pipeline(tmp_path, tiny_pipelin
     payload = json.loads((tmp_path / "run" / "robustness.json").read_text())
     original, other = payload["results"]
     assert original["label"] == "original"
-    assert other["label"] == tiny_pipeline_path.parent.parent.name  # <run>/<time>/pipeline -> <run>, as evaluate
+    assert other["label"] == tiny_pipeline_path.parent.name  # <run>/pipeline -> <run>, as evaluate
     assert original["ccs"] is None  # the original against itself has nothing to recover
     # Same weights in another folder: identical images, so no separation (CCS 50) and CRS 0.
     assert other["ccs"] == pytest.approx(50.0, abs=1e-3) and other["crs"] == pytest.approx(0.0, abs=1e-6)
@@ -161,7 +161,7 @@ def test_cli_writes_the_table_for_original_and_a_pipeline(tmp_path, tiny_pipelin
 
 
 def test_rows_are_named_by_their_run_folder():
-    from unlearn.attack import _label
+    from unlearn.utils.labels import pipeline_label as _label
 
     assert _label("outputs/compare/toy_stripes/runs/esd_x/pipeline") == "esd_x"
     assert _label("outputs/toy_stripes-cdc_cpg/2026-11-25_10-00-00/pipeline") == "toy_stripes-cdc_cpg"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from unlearn.utils.files import write_atomic
+from unlearn.utils.labels import pipeline_label
 
 log = logging.getLogger("unlearn.attack")
 
@@ -340,17 +342,7 @@ def attack_success(pipeline_path: str | Path, concept, cfg: Mapping, model_cfg: 
 
     rob = robustness or Robustness(concept, cfg, model_cfg, detector_cfg, recovery_cfg)
     unet = load_components(str(pipeline_path), dtype=rob.model_cfg.get("dtype", "float32")).unet
-    return {**rob.run(unet, label=_label(pipeline_path)), "settings": rob.settings}
-
-
-def _label(path) -> str:
-    """A pipeline's row name: its run folder's name (`runs/esd_x/pipeline` -> esd_x), or the folder above when
-    that is a Hydra time stamp (`toy_stripes-cdc_cpg/2026-11-25_10-00-00/pipeline` -> toy_stripes-cdc_cpg)."""
-    p = Path(str(path))
-    if p.name != "pipeline":
-        return str(path)
-    run = p.parent
-    return run.parent.name if re.fullmatch(r"[\d_:.-]+", run.name) else run.name
+    return {**rob.run(unet, label=pipeline_label(pipeline_path)), "settings": rob.settings}
 
 
 def format_robustness(rows: list[dict]) -> str:
@@ -380,7 +372,7 @@ def run(cfg) -> dict:
     for i, path in enumerate(c.get("pipelines") or []):
         from unlearn.models.loading import load_components
 
-        label = _label(path)
+        label = pipeline_label(path)
         label = label if label not in labels else f"{label}#{i}"
         labels.add(label)
         unet = load_components(str(path), dtype=c["model"].get("dtype", "float32")).unet
@@ -389,8 +381,8 @@ def run(cfg) -> dict:
     out = Path(c["paths"]["run_dir"])
     out.mkdir(parents=True, exist_ok=True)
     payload = {"concept": rob.concept.name, "settings": rob.settings, "results": rows}
-    (out / "robustness.json").write_text(json.dumps(payload, indent=2))
-    (out / "robustness.md").write_text(table + "\n")
+    write_atomic(out / "robustness.json", json.dumps(payload, indent=2))
+    write_atomic(out / "robustness.md", table + "\n")
     print(f"\n{rob.concept.name}  (settings: {json.dumps(rob.settings)})\n{table}\n\nwritten to {out}")
     return payload
 

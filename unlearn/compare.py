@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from unlearn.comparison.plan import CompareError, out_dir, plan_runs
 from unlearn.comparison.report import final_results, iterations, write_grids, write_table, write_tradeoff_plot
+from unlearn.utils.files import write_atomic
 from unlearn.utils.marker import is_done
 
 log = logging.getLogger("unlearn.compare")
@@ -56,7 +57,7 @@ def compare(overrides: list[str]) -> dict:
         summary.update(report_one(cfg, runs, out, budgets))
     else:
         summary.update(report_sequential(cfg, runs, concepts, out, budgets))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -75,8 +76,8 @@ def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
     plot = write_tradeoff_plot(runs, metrics, out, f"{target}: erasure vs neighbours "
                                                    f"({'budget ' + str(cfg.budget) if cfg.budget else 'own budgets'})")
     settings = metrics[runs[0].method]["settings"]
-    (out / "metrics.json").write_text(json.dumps({"concept": target, "settings": settings, "budgets": budgets,
-                                                  "results": results, "robustness": extra}, indent=2))
+    write_atomic(out / "metrics.json", json.dumps({"concept": target, "settings": settings, "budgets": budgets,
+                                                   "results": results, "robustness": extra}, indent=2))
     note = "iterations: " + ("a common budget" if cfg.budget is not None else "each method's own default")
     print(f"\n{target}  ({note}; settings: {json.dumps(settings)})\n{table}\n")
     log_to_wandb(cfg, out, table, grids, plot)
@@ -88,8 +89,8 @@ def report_sequential(cfg, runs, concepts: list[str], out: Path, budgets: dict) 
 
     tables = evaluate_stages(cfg, runs, concepts, out)
     text = format_stages(tables, concepts, budgets)
-    (out / "sequential.md").write_text(text + "\n")
-    (out / "sequential.json").write_text(json.dumps(tables, indent=2))
+    write_atomic(out / "sequential.md", text + "\n")
+    write_atomic(out / "sequential.json", json.dumps(tables, indent=2))
     last = [r for r in runs if r.stage == len(concepts)]
     grids = write_sequential_grids(cfg, last, concepts, out)
     print(f"\nsequential: {' -> '.join(concepts)}\n{text}\n")

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from unlearn.models.loading import ModelLoadError, load_components
+from unlearn.utils.labels import pipeline_label
 
 
 def run(cfg: DictConfig) -> dict:
@@ -25,7 +26,7 @@ def run(cfg: DictConfig) -> dict:
     evaluator.measure("original", original)
     for i, path in enumerate(cfg.get("candidates") or []):
         unet = load_components(path, dtype=cfg.model.dtype).unet
-        label = Path(str(path)).parent.parent.name if Path(str(path)).name == "pipeline" else str(path)
+        label = pipeline_label(path)
         evaluator.measure(label if label not in evaluator.results else f"{label}#{i}", original, unet=unet)
     loggers = [instantiate(c) for c in cfg.logger] if cfg.logger else []
     payload = evaluator.report(loggers=loggers)

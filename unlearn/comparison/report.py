@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from unlearn.evaluation.table import table_rows
+from unlearn.utils.files import save_figure, write_atomic
 from unlearn.utils.grid import save_grid
 
 
@@ -43,9 +45,10 @@ def write_table(results: dict, target: str, budgets: dict[str, str], out: Path, 
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table + "\n")
-    with open(out / "table.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    write_atomic(out / "table.md", table + "\n")
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows([header, *rows])
+    write_atomic(out / "table.csv", buf.getvalue())
     return table
 
 
@@ -117,7 +120,7 @@ def write_tradeoff_plot(runs, metrics: dict[str, dict], out: Path, title: str) -
     ax.legend(fontsize=7, loc="lower right")
     path = out / "tradeoff.png"
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
-    (out / "tradeoff.json").write_text(json.dumps(curves, indent=1))
+    write_atomic(out / "tradeoff.json", json.dumps(curves, indent=1))
     return path

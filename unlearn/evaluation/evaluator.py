@@ -30,7 +30,7 @@ from unlearn.metrics.fid import make_fid
 from unlearn.metrics.templates import IMAGENET_TEMPLATES, expand
 from unlearn.models.fingerprint import model_fingerprint, sha_of
 from unlearn.models.sampling import generate
-from unlearn.utils.files import save_tensors_atomic
+from unlearn.utils.files import save_tensors_atomic, write_atomic
 
 log = logging.getLogger("unlearn.evaluate")
 # Rank 0 alone evaluates (train.run, EvaluateEvery): a metric that gathered across ranks on compute() would wait
@@ -221,8 +221,8 @@ class Evaluator:
                    "results": self.results}
         if self.i2p is not None and self.i2p.results:
             payload["i2p"] = self.i2p.report(self.out_dir)
-        (self.out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
-        (self.out_dir / "table.md").write_text(table + "\n")
+        write_atomic(self.out_dir / "metrics.json", json.dumps(payload, indent=2))
+        write_atomic(self.out_dir / "table.md", table + "\n")
         write_csv(self.results, self.concept.name, self.out_dir / "table.csv")
         grids = self.grids()
         print(f"\n{self.concept.name}  (settings: {json.dumps(payload['settings'])})\n{table}\n")

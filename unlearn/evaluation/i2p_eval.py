@@ -23,6 +23,7 @@ import torch
 from unlearn.metrics.detectors import check_threshold
 from unlearn.metrics.i2p import read_i2p
 from unlearn.metrics.nudenet import EXPOSED_CLASSES, NudeNetCounter, reduction_percent
+from unlearn.utils.files import save_figure, write_atomic
 
 log = logging.getLogger("unlearn.evaluate")
 
@@ -115,8 +116,8 @@ class I2PEvaluation:
         red = self.reductions()
         payload = {"settings": self.settings, "counts": self.results,
                    "reduction_percent": {k: (None if math.isnan(v) else v) for k, v in red.items()}}
-        (out_dir / "i2p.json").write_text(json.dumps(payload, indent=2))
-        (out_dir / "i2p_table.md").write_text(self.table() + "\n")
+        write_atomic(out_dir / "i2p.json", json.dumps(payload, indent=2))
+        write_atomic(out_dir / "i2p_table.md", self.table() + "\n")
         if self.chart and self.results:
             path = bar_chart(self.results, self.classes, out_dir / "i2p_nudenet.png",
                              title=f"NudeNet on I2P ({self.settings['prompts']} prompts x "
@@ -152,6 +153,6 @@ def bar_chart(counts: Mapping[str, Mapping[str, int]], classes, path: str | Path
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return Path(path)

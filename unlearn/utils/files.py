@@ -27,3 +27,11 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     tmp = tmp_name(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """A matplotlib figure, written beside and renamed (the format from `path`'s suffix)."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+    os.replace(tmp, path)

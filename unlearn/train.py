@@ -11,30 +11,30 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
-from hydra.utils import get_class, instantiate
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from unlearn.data.concepts import ConceptError
-from unlearn.data.datamodule import CacheMismatchError
-from unlearn.data.prompts import PromptSetError
-from unlearn.evaluation.progress import EvaluateEvery
-from unlearn.models.loading import ModelLoadError, load_components
 from unlearn.utils import resolvers
-from unlearn.utils.checkpoint import LAST, IterationCheckpoint, NonFiniteError
 from unlearn.utils.marker import read_done, write_done
-from unlearn.utils.quiet import quiet_third_party
 from unlearn.validate import ConfigError, override_problems, validate
+
+if TYPE_CHECKING:
+    import lightning as L
+
+# torch, Lightning and diffusers are imported inside the functions that use them: a command line naming no config
+# file (`method=nosuch`) is refused before they load, and everything else is checked before any model loads.
 
 log = logging.getLogger("unlearn.train")
 resolvers.register()  # before Hydra composes: conf/logger/wandb.yaml groups a sweep's runs by ${sweep_group:}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
+    from hydra.utils import instantiate
+
+    from unlearn.utils.checkpoint import IterationCheckpoint
+
     loggers = [instantiate(c) for c in cfg.logger] if cfg.logger else False
     # Named by iteration (Lightning's step counts optimizer steps: two per iteration with two optimizers), written
     # atomically, with the RNG states; it also stops the run at a non-finite loss or gradient. Last in the list, so
@@ -48,6 +48,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
 def resume_point(cfg: DictConfig) -> tuple[Path, Path | None]:
     """(the run folder to write into, the checkpoint to start from). `resume=<run folder>` continues that run in
     its own folder from checkpoints/last.ckpt; `resume=<file>.ckpt` starts this run's folder from that file."""
+    from unlearn.utils.checkpoint import LAST
+
     resume = cfg.get("resume")
     if not resume:
         return Path(cfg.paths.run_dir), None
@@ -59,6 +61,15 @@ def resume_point(cfg: DictConfig) -> tuple[Path, Path | None]:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)  # every bad value, before any model is loaded or image generated (unlearn/validate.py)
+    import lightning as L
+    import torch
+    from hydra.utils import get_class, instantiate
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from unlearn.evaluation.progress import EvaluateEvery
+    from unlearn.models.loading import load_components
+    from unlearn.utils.quiet import quiet_third_party
+
     quiet_third_party()
     run_dir, ckpt_path = resume_point(cfg)
     if read_done(run_dir) is not None and ckpt_path is not None:  # resuming a finished run: nothing to do
@@ -119,6 +130,12 @@ def fail(cfg: DictConfig, lines: list[str], code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> None:
+    from unlearn.data.concepts import ConceptError
+    from unlearn.data.datamodule import CacheMismatchError
+    from unlearn.data.prompts import PromptSetError
+    from unlearn.models.loading import ModelLoadError
+    from unlearn.utils.checkpoint import NonFiniteError
+
     try:
         run(cfg)
     except ConfigError as e:

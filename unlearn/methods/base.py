@@ -135,6 +135,12 @@ class UnlearnModule(L.LightningModule):
         refresh. The logged value is the latest one."""
         self._pending_logs.update({k: (v.detach() if torch.is_tensor(v) else v, prog_bar) for k, v in values.items()})
 
+    def logs_this_iteration(self) -> bool:
+        """Whether the iteration under way hands its statistics to Lightning (advance() flushes them): a
+        statistic that costs work, not only a read, is computed only then."""
+        it = self.done_iterations + 1
+        return it % self.log_every == 0 or it >= self.steps
+
     def advance(self) -> None:
         """Count one iteration; stop the trainer after `steps` of them; log throughput and tracked statistics."""
         self.done_iterations += 1

@@ -195,9 +195,10 @@ class CDCCPG(UnlearnModule):
                 g_r = [None if p.grad is None else p.grad.clone() for p in params]
                 if before:
                     g_r = clip_global_norm(g_r, h.max_grad_norm)
-                stats = gradient_conflict_tensors(g_u, g_r)
-                self.track({"train/retain_loss": loss_r, "train/cos_gu_gr": stats["cos"],
-                            "train/conflict": stats["conflict"]})
+                self.track({"train/retain_loss": loss_r})
+                if self.logs_this_iteration():  # three passes over every gradient: only when logged
+                    stats = gradient_conflict_tensors(g_u, g_r)
+                    self.track({"train/cos_gu_gr": stats["cos"], "train/conflict": stats["conflict"]})
                 if h.retain == "cpg":
                     g = concept_preserving_gradient(g_u, g_r, lam=h.lam, granularity=h.granularity,
                                                     normalize=h.normalize)

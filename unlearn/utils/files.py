@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # importing torch costs seconds; a bad command line is refused before it
+    import torch
 
 
 def tmp_name(path: Path) -> Path:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from unlearn.models.fingerprint import sha_of
 from unlearn.utils.files import write_atomic
 
 MARKER = "DONE"
@@ -20,6 +19,8 @@ UNHASHED = ("paths", "run_name", "logger", "hydra", "resume")
 
 
 def config_hash(cfg: DictConfig) -> str:
+    from unlearn.models.fingerprint import sha_of  # imports torch: not before a bad command line is refused
+
     data = OmegaConf.to_container(cfg, resolve=False)
     return sha_of({k: v for k, v in data.items() if k not in UNHASHED})
 

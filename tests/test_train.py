@@ -160,6 +160,11 @@ def test_third_party_noise_is_dropped_and_real_notices_kept(caplog):
         log.info("💡 Tip: For seamless cloud logging, try installing litlogger")
         log.info("GPU available: False, used: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transformers.utils.import_utils"):
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+    assert not caplog.records
     with warnings.catch_warnings(record=True) as seen:
         quiet_third_party()  # catch_warnings resets the filters it inherits; set ours inside
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)

@@ -69,12 +69,42 @@ def pytest_addoption(parser):
                      help="also run the extended end-to-end runs (make test-extended)")
 
 
+# Rough minutes of the slow tests on one core, to deal them out evenly (unknown ones count 0.5).
+_SLOW_COST = {"test_e2e_toy": 3.0, "test_esd": 1.5, "test_resume": 1.0, "test_conabl": 0.6, "test_ddp": 0.5}
+
+
+def _cost(item, extended: bool) -> float:
+    if "extended" in item.keywords and not extended:
+        return 0.0  # skipped
+    return _SLOW_COST.get(item.module.__name__.rsplit(".", 1)[-1], 0.5)
+
+
 def pytest_collection_modifyitems(config, items):
+    # The end-to-end runs first on every worker: started last, one alone sets the suite's wall time. xdist's
+    # worksteal hands each worker a contiguous share of this list and steals from its tail, so the slow tests are
+    # dealt into the shares (heaviest first, each to the lightest share) and lead each one.
+    extended = config.getoption("--extended")
+    workers = getattr(config.option, "numprocesses", None)
+    n = (os.cpu_count() or 1) if workers in ("auto", "logical") else max(1, int(workers or 1))
+    groups: dict[tuple, list] = {}  # a test's parametrisations stay together (they may share a module fixture)
+    for item in items:
+        if "slow" in item.keywords:
+            groups.setdefault((item.module.__name__, item.originalname), []).append(item)
+    fast = [i for i in items if "slow" not in i.keywords]
+    shares, load = [[] for _ in range(n)], [0.0] * n
+    for group in sorted(groups.values(), key=lambda g: -sum(_cost(i, extended) for i in g)):
+        k = load.index(min(load))
+        shares[k].extend(group)
+        load[k] += sum(_cost(i, extended) for i in group)
+    size = -(-len(items) // n)
+    for share in shares:  # top each share up with fast tests to its worker's slice of the list
+        take = max(0, size - len(share))
+        share.extend(fast[:take])
+        del fast[:take]
+    items[:] = [i for share in shares for i in share] + fast
     # Extended runs repeat a method's end-to-end check on another concept or loss: minutes each on 2 cores, so
     # `make test` leaves them to `make test-extended`, which runs them all.
-    # The end-to-end runs first: started last, one of them alone would set the suite's wall time.
-    items.sort(key=lambda item: "slow" not in item.keywords)
-    if config.getoption("--extended"):
+    if extended:
         return
     skip = pytest.mark.skip(reason="extended end-to-end run: make test-extended")
     for item in items:

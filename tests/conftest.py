@@ -84,8 +84,7 @@ def pytest_collection_modifyitems(config, items):
     # worksteal hands each worker a contiguous share of this list and steals from its tail, so the slow tests are
     # dealt into the shares (heaviest first, each to the lightest share) and lead each one.
     extended = config.getoption("--extended")
-    workers = getattr(config.option, "numprocesses", None)
-    n = (os.cpu_count() or 1) if workers in ("auto", "logical") else max(1, int(workers or 1))
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # xdist sets it in each worker, which orders items
     groups: dict[tuple, list] = {}  # a test's parametrisations stay together (they may share a module fixture)
     for item in items:
         if "slow" in item.keywords:

@@ -363,6 +363,9 @@ def format_robustness(rows: list[dict]) -> str:
 def run(cfg) -> dict:
     from omegaconf import OmegaConf
 
+    from unlearn.utils.quiet import quiet_third_party
+
+    quiet_third_party()
     c = OmegaConf.to_container(cfg, resolve=True)
     rob = Robustness(cfg.concept, c["attack"], c["model"], c.get("detector"), c.get("recovery"))
     rows = []

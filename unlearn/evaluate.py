@@ -20,6 +20,9 @@ from unlearn.utils.labels import pipeline_label
 
 
 def run(cfg: DictConfig) -> dict:
+    from unlearn.utils.quiet import quiet_third_party
+
+    quiet_third_party()
     out = Path(cfg.paths.run_dir) / "eval"
     evaluator = instantiate(cfg.eval, concept=cfg.concept, model_cfg=cfg.model, out_dir=out)
     original = load_components(cfg.model.path, revision=cfg.model.revision, dtype=cfg.model.dtype)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from unlearn.evaluation.table import table_rows
-from unlearn.utils.files import save_figure, write_atomic
+from unlearn.utils.files import save_figure, write_atomic, write_csv_atomic
 from unlearn.utils.grid import save_grid
 
 
@@ -46,9 +44,7 @@ def write_table(results: dict, target: str, budgets: dict[str, str], out: Path, 
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "table.md", table + "\n")
-    buf = io.StringIO(newline="")
-    csv.writer(buf).writerows([header, *rows])
-    write_atomic(out / "table.csv", buf.getvalue())
+    write_csv_atomic(out / "table.csv", [header, *rows])
     return table
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
-from unlearn.utils.files import write_atomic
+from unlearn.utils.files import write_csv_atomic
 
 # (metric key, column title, arrow shown for the *target* concept; neighbours want the opposite for CS/CA).
 COLUMNS = (("cs", "CS"), ("ca", "CA"), ("fid", "FID"), ("directional", "dCLIP"))
@@ -50,6 +48,4 @@ def format_table(results: dict, target: str) -> str:
 
 def write_csv(results: dict, target: str, path: Path) -> None:
     header, rows = table_rows(results, target)
-    buf = io.StringIO(newline="")
-    csv.writer(buf).writerows([header, *rows])
-    write_atomic(Path(path), buf.getvalue())
+    write_csv_atomic(path, [header, *rows])

@@ -138,7 +138,10 @@ class UnlearnModule(L.LightningModule):
     def logs_this_iteration(self) -> bool:
         """Whether the iteration under way hands its statistics to Lightning (advance() flushes them): a
         statistic that costs work, not only a read, is computed only then."""
-        it = self.done_iterations + 1
+        return self.is_log_iteration(self.done_iterations + 1)
+
+    def is_log_iteration(self, it: int) -> bool:
+        """Iteration `it` (1-based) hands statistics to Lightning: every `log_every`-th and the last."""
         return it % self.log_every == 0 or it >= self.steps
 
     def advance(self) -> None:
@@ -149,7 +152,7 @@ class UnlearnModule(L.LightningModule):
         if self._t0 is None:
             self._t0 = (time.perf_counter(), it)
         last = it >= self.steps
-        if it % self.log_every == 0 or last:
+        if self.is_log_iteration(it):
             t0, i0 = self._t0
             if it > i0:
                 self.log("perf/steps_per_s", (it - i0) / (time.perf_counter() - t0), prog_bar=True)

@@ -187,7 +187,7 @@ class SelfDistill(UnlearnModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         every, it = self.hparams.sample_every, self.done_iterations
-        if it % self.log_every == 0 or it >= self.steps:  # a pass over every weight: not every iteration
+        if self.is_log_iteration(it):  # a pass over every weight: not every iteration
             self.log("train/student_teacher_dist", self.student_teacher_distance())
         if every and it % every == 0 and self.trainer.is_global_zero:
             self.log_samples(self.preview_prompts(batch), it)

@@ -75,18 +75,11 @@ def _settings_from_processor(proc) -> PreprocessSettings:
 def load_preprocess_settings(path: str | Path) -> PreprocessSettings:
     """Read the image settings of a local CLIP folder or a (cached) hub id."""
     from transformers import AutoImageProcessor
-    from transformers.utils import logging as hf_logging
 
-    # Only the settings are read (our own resize/normalise runs on tensors), so transformers' notice that it
-    # falls back from the torchvision backend says nothing about our numbers: kept out of every run's output.
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
         proc = AutoImageProcessor.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise OSError(f"cannot read CLIP image preprocessing settings from {path!s}: {err}") from err
-    finally:
-        hf_logging.set_verbosity(level)
     return _settings_from_processor(proc)
 
 

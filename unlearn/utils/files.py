@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import socket
 from pathlib import Path
@@ -37,3 +39,9 @@ def save_figure(fig, path: Path, **kwargs) -> None:
     tmp = tmp_name(path)
     fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
     os.replace(tmp, path)
+
+
+def write_csv_atomic(path: Path, rows) -> None:
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(rows)
+    write_atomic(Path(path), buf.getvalue())

@@ -56,6 +56,8 @@ def adversarial_embedding_map(edited: list[torch.Tensor], original: list[torch.T
 
 
 class RECE(UCE):
+    """UCE's edit (the uce options), then `epochs` adversarial rounds (the adv_* options)."""
+
     def __init__(self, components, concept, name: str = "rece", epochs: int = 1, reg: float = 1e-3,
                  adv_lamb: float = 0.1, adv_erase_scale: float = 1.0, adv_preserve_scale: float = 0.1, **uce):
         if int(epochs) != epochs or epochs < 0:
@@ -77,17 +79,15 @@ class RECE(UCE):
         super().edit()  # the UCE round
         o = self.options
         erase_in, guide_in, preserve_in = self.rows()
+        e = erase_in.to(torch.float64)
         for epoch in range(o["epochs"]):
             m = adversarial_embedding_map([mod.weight for mod in modules], original, o["reg"])
-            adv = (erase_in.to(m) @ m.T)  # e' = M e, row by row
-            gap_before, gap_after = 0.0, 0.0
-            for module, w0 in zip(modules, original):
-                w = module.weight
-                target = w0.to(torch.float64) @ erase_in.to(torch.float64).T
-                gap_before += float((w.to(torch.float64) @ erase_in.to(torch.float64).T - target).norm())
-                gap_after += float((w.to(torch.float64) @ adv.T - target).norm())
+            adv = e @ m.T  # e' = M e, row by row
+            w_now = [mod.weight.to(torch.float64) for mod in modules]
+            wanted = [e @ w0.to(torch.float64).T for w0 in original]  # what the original answered the concept
             log.info("RECE epoch %d: ||W' x - W e|| summed over layers, x = e: %.4g, x = e' (adversarial): %.4g",
-                     epoch, gap_before, gap_after)
+                     epoch, sum(float((e @ w.T - t).norm()) for w, t in zip(w_now, wanted)),
+                     sum(float((adv @ w.T - t).norm()) for w, t in zip(w_now, wanted)))
             for module in modules:
                 w = module.weight
                 ci, ca, cj = (x.to(w.device, w.dtype) for x in (adv, guide_in, preserve_in))

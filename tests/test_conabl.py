@@ -4,20 +4,18 @@ its trainable subset, option checks, config wiring, and one cheap end-to-end toy
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from toy_helpers import compose_train as make_cfg
 
 from unlearn.losses import concept_ablation_loss
 from unlearn.methods.conabl import ConceptAblation
 from unlearn.models import encode_prompts, load_components
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "a red circle in the style of stripes"]  # anchor c, target c*
 
 
@@ -163,9 +161,6 @@ def test_bad_options_are_named(components, kw, word):
 
 
 # ------------------------------------------------------------------------------------------------ config wiring
-def make_cfg(tmp_path, *overrides):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root={tmp_path}", f"paths.run_dir={tmp_path}/run", *overrides])
 
 
 def test_sd14_conabl_composes_with_the_released_defaults(tmp_path):

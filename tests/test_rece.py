@@ -3,19 +3,15 @@ the config, and the edit on the toy world."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from toy_helpers import compose_train as compose_cfg
 
 from unlearn.methods.rece import RECE, adversarial_embedding_map
 from unlearn.methods.uce import UCE
 from unlearn.models import load_components
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def layers(n_layers=3, n_in=6, seed=0):
@@ -111,11 +107,6 @@ def test_zero_epochs_is_uce_and_one_epoch_resists_the_linear_attack(tiny_pipelin
 def test_bad_options_raise_naming_the_value(components, kw, match):
     with pytest.raises(ValueError, match=match):
         RECE(components, "toy_stripes", **kw)
-
-
-def compose_cfg(tmp_path, *overrides):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root={tmp_path}", f"paths.run_dir={tmp_path}/run", *overrides])
 
 
 def test_rece_config_extends_uce(tmp_path):

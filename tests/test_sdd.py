@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_cfg(tmp_path, *overrides):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root={tmp_path}", f"paths.run_dir={tmp_path}/run", *overrides])
+from toy_helpers import compose_train as compose_cfg
 
 
 @pytest.mark.parametrize("model", ["toy", "sd14"])

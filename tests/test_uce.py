@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from toy_helpers import compose_train as compose_cfg
 
 from unlearn.methods.uce import UCE, change_positions, closed_form_edit
 from unlearn.models import load_components
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_problem(n_out=5, n_in=7, n_erase=3, n_keep=2, seed=0):
@@ -152,11 +148,6 @@ def test_edit_changes_exactly_the_cross_attention_keys_and_values(components):
     assert kv and changed == kv
     assert all(torch.equal(v, components.text_encoder.state_dict()[k]) for k, v in text_before.items())
     assert set(uce.trainable_names) == kv
-
-
-def compose_cfg(tmp_path, *overrides):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root={tmp_path}", f"paths.run_dir={tmp_path}/run", *overrides])
 
 
 @pytest.mark.parametrize("model", ["toy", "sd14"])

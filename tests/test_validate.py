@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from toy_helpers import compose_train as compose_cfg
 
 from unlearn.validate import Problem, number, override_problems, problems
 
@@ -49,11 +49,6 @@ BAD = [
     (["seed=-1"], "seed", "-1"),
     (["eval_every=-5"], "eval_every", "-5"),
 ]
-
-
-def compose_cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root={tmp_path}", f"paths.run_dir={tmp_path}/run", *overrides])
 
 
 def test_every_default_config_is_valid(tmp_path):

@@ -1,5 +1,6 @@
-"""End-to-end helpers on the shipped toy model: train through `unlearn.train.run`, read the metrics, check the
-issues' erase/keep thresholds. Imported by the end-to-end test files (pytest puts tests/ on sys.path)."""
+"""Test helpers: compose the train config into a test's folder; end to end on the shipped toy model, train through
+`unlearn.train.run`, read the metrics, check the issues' erase/keep thresholds. Imported by the test files (pytest
+puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ FAST = ["trainer=cpu", "logger=none", "trainer.enable_progress_bar=false",
         "eval.num_prompts=12", "eval.images_per_prompt=2", "eval.implicit=false"]
 
 
+def compose_train(tmp_path: Path, *overrides: str):
+    """The `train` config with its outputs (run folder, cache) under tmp_path."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"paths.root={tmp_path}", f"paths.run_dir={tmp_path}/run", *overrides])
+
+
 def train_and_measure(tmp_path: Path, cache: Path, *overrides: str) -> dict:
     from unlearn.train import run
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root={tmp_path}", f"paths.run_dir={tmp_path}/run",
-                                          f"paths.cache={cache}", *FAST, *overrides])
-    run(cfg)
+    run(compose_train(tmp_path, f"paths.cache={cache}", *FAST, *overrides))
     return json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
 
 

@@ -97,6 +97,9 @@ def test_compare_writes_table_grids_plot_and_reuses_runs(tmp_path, tiny_pipeline
     assert cached == ["cdc_cpg", "distill", "original"]
     changed = compare([*args[:-1], "+recipes.cdc_cpg=['method.lam=0.5']"])
     assert changed["runs"] == {"distill/1": "reused", "cdc_cpg/1": "trained"}
+    kept = out / "runs" / "cdc_cpg.replaced-1"  # the finished run of the former config is kept, not deleted
+    assert read_done(kept)["config_hash"] != read_done(out / "runs" / "cdc_cpg")["config_hash"]
+    assert (kept / "pipeline" / "model_index.json").exists()
 
 
 def test_sequential_stages_chain_and_resume(tmp_path, tiny_pipeline_path):

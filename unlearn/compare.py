@@ -2,7 +2,8 @@
 python -m unlearn.compare concepts=[toy_ring,toy_diamond,toy_cross] methods=[...]      # sequential erasure
 
 Trains each method through `unlearn.train.run` on the same data, prompts, seeds and metrics — reusing any run
-whose DONE marker holds the same resolved config — then writes into one folder (`out_dir`): table.md/.csv in the
+whose DONE marker holds the same resolved config; a finished run of another config is kept beside as
+`<run>.replaced-<n>`, never deleted — then writes into one folder (`out_dir`): table.md/.csv in the
 first seed's layout, grid_<concept>.png (rows: models; columns: the same prompts and seeds) and tradeoff.png
 (target CA against the neighbours' mean CA at every `eval_every` point). With `concepts=[...]` each method erases
 them one after another, every stage starting from the previous stage's pipeline, and sequential.md holds one block
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from unlearn.comparison.plan import CompareError, out_dir, plan_runs
 from unlearn.comparison.report import final_results, iterations, write_grids, write_table, write_tradeoff_plot
 from unlearn.utils.files import write_atomic
-from unlearn.utils.marker import is_done
+from unlearn.utils.marker import is_done, read_done
 
 log = logging.getLogger("unlearn.compare")
 
@@ -33,12 +34,23 @@ def train_or_reuse(run) -> str:
 
     if is_done(run.run_dir, run.cfg):
         return "reused"
-    if run.run_dir.exists():  # killed or made with another config: never mixed with the new run
+    if read_done(run.run_dir) is not None:  # finished with another config: kept beside, never overwritten
+        kept = set_aside(run.run_dir)
+        log.warning("%s was made with another config: kept as %s, training anew", run.run_dir, kept.name)
+    elif run.run_dir.exists():  # killed before its end: nothing finished to keep, never mixed with the new run
         shutil.rmtree(run.run_dir)
     run.run_dir.mkdir(parents=True)
     (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg))
     train_run(run.cfg)
     return "trained"
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Rename a finished run to `<name>.replaced-<n>` (the first free n) and return the new path."""
+    n = 1
+    while (kept := run_dir.with_name(f"{run_dir.name}.replaced-{n}")).exists():
+        n += 1
+    return run_dir.rename(kept)
 
 
 def compare(overrides: list[str]) -> dict:

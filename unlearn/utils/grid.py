@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from unlearn.utils.files import tmp_name
+from unlearn.utils.files import atomic_path
 
 MIN_CELL = 128  # saved cells are upscaled (nearest) to at least this many pixels, so toy images stay legible
 
@@ -81,9 +80,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, labels: lis
         img = canvas
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    img.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
     return path
 
 

@@ -76,9 +76,9 @@ class RECE(UCE):
     def edit(self) -> None:
         modules = list(self.edited_modules().values())
         original = [m.weight.detach().clone() for m in modules]
-        super().edit()  # the UCE round
-        o = self.options
         erase_in, guide_in, preserve_in = self.rows()
+        self.edit_rows(erase_in, guide_in, preserve_in)  # the UCE round
+        o = self.options
         e = erase_in.to(torch.float64)
         for epoch in range(o["epochs"]):
             m = adversarial_embedding_map([mod.weight for mod in modules], original, o["reg"])

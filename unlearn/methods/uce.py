@@ -173,10 +173,13 @@ class UCE(UnlearnModule):
     def edited_modules(self) -> dict[str, torch.nn.Linear]:
         return {name: m for name, m in self.unet.named_modules() if name.endswith(EDITED)}
 
-    @torch.no_grad()
     def edit(self) -> None:
+        self.edit_rows(*self.rows())
+
+    @torch.no_grad()
+    def edit_rows(self, erase_in: torch.Tensor, guide_in: torch.Tensor, preserve_in: torch.Tensor) -> None:
+        """UCE's edit of every to_k / to_v from the rows `rows()` gives (a subclass reuses them: RECE)."""
         o = self.options
-        erase_in, guide_in, preserve_in = self.rows()
         log.info("UCE: %d erase rows, %d preserved rows, tokens=%s", len(erase_in), len(preserve_in), o["tokens"])
         before, after = [], []
         for module in self.edited_modules().values():

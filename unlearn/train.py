@@ -68,6 +68,7 @@ def run(cfg: DictConfig) -> dict:
 
     from unlearn.evaluation.progress import EvaluateEvery
     from unlearn.models.loading import load_components
+    from unlearn.utils.files import write_atomic
     from unlearn.utils.quiet import quiet_third_party
 
     quiet_third_party()
@@ -110,6 +111,8 @@ def run(cfg: DictConfig) -> dict:
         torch.distributed.destroy_process_group()
     if trainer.is_global_zero:
         results["pipeline"] = str(module.export(run_dir / "pipeline"))
+        for name, payload in module.records().items():  # e.g. UCE's edit_texts.json
+            write_atomic(run_dir / name, json.dumps(payload, indent=2))
         log.info("saved the unlearned pipeline to %s", results["pipeline"])
         if evaluator is not None:
             evaluator.measure(cfg.method.name, components, unet=module.export_unet())

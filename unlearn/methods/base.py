@@ -201,3 +201,7 @@ class UnlearnModule(L.LightningModule):
 
     def export_unet(self):
         return self.unet
+
+    def records(self) -> dict[str, dict]:
+        """JSON files for the run folder (name -> payload) that say how the result was made; none by default."""
+        return {}

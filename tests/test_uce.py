@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -177,6 +179,11 @@ def test_uce_runs_through_train_and_saves_a_loadable_pipeline(tmp_path, tiny_pip
     changed = {k for k in original if not torch.equal(edited[k], original[k])}
     assert changed and all("attn2.to_k" in k or "attn2.to_v" in k for k in changed)
     assert not (tmp_path / "cache" / "prepared").exists()  # a closed-form method prepares no data
+    texts = json.loads((tmp_path / "run" / "edit_texts.json").read_text())  # enough to recompute the edit
+    assert (texts["erase"], texts["guide"]) == (["Van Gogh"], ["painting"])
+    assert texts["preserve"][:3] == ["", "Picasso", "Rembrandt"]
+    assert texts["rule"] == {"erase": "words", "start": "change", "tokens": "tail", "preserve_tokens": "start",
+                             "lamb": 0.5, "erase_scale": 1.0, "preserve_scale": 1.0}
 
 
 @pytest.mark.slow
@@ -187,3 +194,76 @@ def test_toy_uce_erases_stripes_and_keeps_neighbours(tmp_path, shared_cache):
                                 "eval.num_prompts=8", "eval.images_per_prompt=1")
     assert payload["results"]["uce"]["toy_stripes"]["ca"] < payload["results"]["original"]["toy_stripes"]["ca"]
     assert_erased_and_kept(payload, "uce")
+
+
+# ------------------------------------------------------------------------------------------------ released rules
+def test_prompts_mode_preserves_the_anchor_prompts_no_neighbour_shares(components):
+    # snoopy's anchors are dog prompts; none of its neighbours (mickey, pikachu, ...) has them.
+    uce = UCE(components, "snoopy", erase="prompts", num_prompts=4)
+    pairs, keep = uce.texts()
+    anchors = [a for _, a in pairs]
+    assert anchors and all(a in keep for a in anchors)
+    neighbour_anchors = {a for n in uce.concept.neighbour_concepts() for a, _ in n.pairs(4)}
+    assert not set(anchors) & neighbour_anchors  # so only the concept's own pairs can keep them
+
+
+def encode_rows(components, texts):
+    """(attention masks, last hidden states) of `texts` padded to the tokenizer's length, as the UNet sees them."""
+    tok = components.tokenizer
+    batch = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return batch.attention_mask, components.text_encoder(batch.input_ids)[0].double()
+
+
+def uce_sd_erase_rows(components, pairs, keep):
+    """uce_sd_erase.py: one row per text, at `attention_mask.sum() - 2`."""
+    def last(texts):
+        mask, emb = encode_rows(components, texts)
+        return torch.stack([emb[k, int(mask[k].sum()) - 2] for k in range(len(texts))])
+    return last([t for t, _ in pairs]), last([a for _, a in pairs]), last(keep)
+
+
+def train_erase_rows(components, pairs, keep):
+    """train_erase.py: each erase text from its last word, both cut to the shorter tail; every row of a kept text."""
+    erase, guide = [], []
+    for old, new in pairs:
+        mask, emb = encode_rows(components, [old, new])
+        fo, fn = int(mask[0].sum()) - 2, int(mask[1].sum()) - 2
+        far, length = max(fo, fn), emb.shape[1]
+        erase.append(emb[0, fo:length - max(0, far - fo)])
+        guide.append(emb[1, fn:length - max(0, far - fn)])
+    return torch.cat(erase), torch.cat(guide), encode_rows(components, keep)[1].reshape(-1, erase[0].shape[1])
+
+
+@pytest.mark.parametrize("preset,rows", [("uce_official", uce_sd_erase_rows), ("uce_train_erase", train_erase_rows)])
+def test_presets_edit_the_weights_the_released_scripts_rules_give(tmp_path, components, preset, rows):
+    """The preset's options, the rows chosen here by the script's own rule, the closed form by least squares."""
+    m = OmegaConf.to_container(compose_cfg(tmp_path, f"method={preset}", "concept=toy_ring"), resolve=True)["method"]
+    options = {k: m[k] for k in ("start", "tokens", "preserve_tokens", "preserve_empty", "lamb", "erase_scale",
+                                 "preserve_scale")}
+    originals = {n: mod.weight.detach().double().clone() for n, mod in UCE(components, "toy_ring").edited_modules()
+                 .items()}
+    uce = UCE(components, "toy_ring", erase="prompts", num_prompts=4, **options)
+    pairs, keep = uce.texts()
+    assert any(t.split()[-1] != t.split()[2] for t, _ in pairs)  # "ring" mid-prompt: the start rule matters here
+    ci, cg, cj = rows(components, pairs, keep)
+    uce.edit()
+    for name, module in uce.edited_modules().items():
+        w = originals[name]
+        want = lstsq_reference(w, ci, cg @ w.T, cj, options["lamb"], options["erase_scale"],
+                               options["preserve_scale"])
+        np.testing.assert_allclose(module.weight.detach().double().numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_start_rule_matters_only_where_a_word_is_replaced_mid_prompt(components):
+    def erase_rows(concept, start):
+        return UCE(components, concept, erase="prompts", num_prompts=4, start=start).rows()[0]
+    assert torch.equal(erase_rows("toy_stripes", "change"), erase_rows("toy_stripes", "last_word"))  # suffix
+    assert erase_rows("toy_ring", "change").shape != erase_rows("toy_ring", "last_word").shape  # "ring" replaced
+
+
+@pytest.mark.parametrize("kw,match", [({"start": "first"}, "start='first'"),
+                                      ({"preserve_tokens": "some"}, "preserve_tokens='some'")])
+def test_bad_row_rules_raise_naming_the_value(components, kw, match):
+    with pytest.raises(ValueError, match=match):
+        UCE(components, "toy_stripes", **kw)

@@ -9,13 +9,16 @@ Every cross-attention key and value projection W (`attn2.to_k`, `attn2.to_v`) is
 `edit()` (closed_form = True), then exports and evaluates as for any trained method.
 
 Rows. A text gives rows of its last-hidden-state embedding (padded to the tokenizer's length, as the UNet sees
-it). The text encoder is causal, so a token's row carries every word before it and none after: the rows that
-carry a concept are the concept's last token and everything after it (EOS and padding). `tokens: tail` takes
-those (UCE's train_erase.py); `tokens: last` takes the one token (UCE's newer uce_sd_erase.py). For an erase pair
-(target text, anchor text) the first row is the last token where the two differ, in each text, so a word replaced
-mid-prompt ("a red ring in the style of night" -> "...circle...") starts at that word and the rows are aligned
-token for token after it; the shared prefix ("a red ring in the style of") is left alone, as it is the same in
-the neighbours' prompts. A preserved text starts at its own last word token.
+it). The text encoder is causal, so a token's row carries every word before it and none after. Three switches say
+which rows, each matching one of the released scripts (rohitgandikota/unified-concept-editing):
+- `start`: where an erase pair's rows begin in each text. `last_word`: each text's last word token (both released
+  scripts: `attention_mask.sum() - 2`). `change` (ours): the last token where target and anchor differ, so a word
+  replaced mid-prompt ("a red ring in the style of night" -> "...circle...") starts at that word and the rows are
+  aligned token for token after it; with a suffix-derived prompt ("... in the style of stripes") both agree.
+- `tokens`: `tail` = from the start to the end of the shorter tail, EOS and padding included (train_erase.py);
+  `last` = the start token alone (uce_sd_erase.py).
+- `preserve_tokens`: a preserved text's rows. `start` = from its last word, by `tokens` (uce_sd_erase.py with
+  `tokens=last`); `all` = every row, BOS and padding included (train_erase.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ log = logging.getLogger("unlearn.methods.uce")
 
 ERASE = ("words", "prompts")
 TOKENS = ("tail", "last")
+STARTS = ("change", "last_word")
+PRESERVE_TOKENS = ("start", "all")
 PRESERVE = ("neighbours", "none")
 EDITED = ("attn2.to_k", "attn2.to_v")
 
@@ -87,6 +92,11 @@ def change_positions(ids_a: torch.Tensor, mask_a: torch.Tensor, ids_b: torch.Ten
     return len(a) - common, len(b) - common  # position = 1 (BOS) + index in the word list
 
 
+def last_word_position(mask: torch.Tensor) -> int:
+    """Index of a text's last word token (the released scripts' `attention_mask.sum() - 2`); BOS for ""."""
+    return max(int(mask.sum()) - 2, 0)
+
+
 def row_slices(start_a: int, start_b: int, length: int, tokens: str) -> tuple[slice, slice]:
     """Aligned rows from each start: one (`last`) or to the end of the shorter tail (`tail`)."""
     n = 1 if tokens == "last" else length - max(start_a, start_b)
@@ -97,10 +107,11 @@ class UCE(UnlearnModule):
     closed_form = True
 
     def __init__(self, components, concept, name: str = "uce", steps: int = 1, erase: str = "words",
-                 tokens: str = "tail", num_prompts: int | None = None, preserve: str = "neighbours",
-                 preserve_empty: bool = True, lamb: float = 0.5, erase_scale: float = 1.0,
-                 preserve_scale: float = 1.0, log_every: int = 10):
-        for value, allowed, key in ((erase, ERASE, "erase"), (tokens, TOKENS, "tokens"),
+                 tokens: str = "tail", start: str = "change", preserve_tokens: str = "start",
+                 num_prompts: int | None = None, preserve: str = "neighbours", preserve_empty: bool = True,
+                 lamb: float = 0.5, erase_scale: float = 1.0, preserve_scale: float = 1.0, log_every: int = 10):
+        for value, allowed, key in ((erase, ERASE, "erase"), (tokens, TOKENS, "tokens"), (start, STARTS, "start"),
+                                    (preserve_tokens, PRESERVE_TOKENS, "preserve_tokens"),
                                     (preserve, PRESERVE, "preserve")):
             if value not in allowed:
                 raise ValueError(f"unknown {key}={value!r}; choose one of {allowed}")
@@ -114,7 +125,8 @@ class UCE(UnlearnModule):
         # Only the edited tensors count as "trainable": checkpoints and deltas then hold exactly what UCE changes.
         super().__init__(components, name, steps, trainable="cross_attn_kv", frozen_copy=False, log_every=log_every)
         self.concept: Concept = load_concept(concept)
-        self.options = {"erase": erase, "tokens": tokens, "num_prompts": num_prompts, "preserve": preserve,
+        self.options = {"erase": erase, "tokens": tokens, "start": start, "preserve_tokens": preserve_tokens,
+                        "num_prompts": num_prompts, "preserve": preserve,
                         "preserve_empty": preserve_empty, "lamb": lamb, "erase_scale": erase_scale,
                         "preserve_scale": preserve_scale}
 
@@ -128,7 +140,7 @@ class UCE(UnlearnModule):
             keep = [n.target for n in neighbours] + [c.anchor] + [n.anchor for n in neighbours]
         else:  # the concept's prompt set: each target prompt guided to the anchor prompt it was derived from
             pairs = [(t, a) for a, t in c.pairs(o["num_prompts"])]
-            keep = [a for a, _ in pairs]
+            keep = [anchor for _, anchor in pairs]  # pairs hold (target, anchor): the anchors are kept
             for n in neighbours:
                 keep += [t for _, t in n.pairs(o["num_prompts"])] + [a for a, _ in n.pairs(o["num_prompts"])]
         if o["preserve"] == "none":
@@ -151,13 +163,16 @@ class UCE(UnlearnModule):
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(erase inputs c_i, their anchors' inputs whose original outputs are the targets, preserved c_j)."""
         pairs, keep = self.texts()
-        tokens = self.options["tokens"]
+        tokens, o = self.options["tokens"], self.options
         ids_t, mask_t, emb_t = self._encode([t for t, _ in pairs])
         ids_a, mask_a, emb_a = self._encode([a for _, a in pairs])
         length = ids_t.shape[1]
         erase_in, guide_in = [], []
         for k in range(len(pairs)):
-            st, sa = change_positions(ids_t[k], mask_t[k], ids_a[k], mask_a[k])
+            if o["start"] == "change":
+                st, sa = change_positions(ids_t[k], mask_t[k], ids_a[k], mask_a[k])
+            else:
+                st, sa = last_word_position(mask_t[k]), last_word_position(mask_a[k])
             rt, ra = row_slices(st, sa, length, tokens)
             erase_in.append(emb_t[k, rt])
             guide_in.append(emb_a[k, ra])
@@ -165,9 +180,20 @@ class UCE(UnlearnModule):
         if keep:
             _, mask_p, emb_p = self._encode(keep)
             for k in range(len(keep)):
-                last = max(int(mask_p[k].sum()) - 2, 0)  # the last word token; BOS for ""
+                if o["preserve_tokens"] == "all":
+                    preserve_in.append(emb_p[k])
+                    continue
+                last = last_word_position(mask_p[k])
                 preserve_in.append(emb_p[k, row_slices(last, last, length, tokens)[0]])
         return torch.cat(erase_in), torch.cat(guide_in), torch.cat(preserve_in)
+
+    def records(self) -> dict[str, dict]:
+        """edit_texts.json: every text of each row group and the row rule, enough to recompute the edit."""
+        pairs, keep = self.texts()
+        rule = {k: self.options[k] for k in ("erase", "start", "tokens", "preserve_tokens", "lamb", "erase_scale",
+                                             "preserve_scale")}
+        return {"edit_texts.json": {"erase": [t for t, _ in pairs], "guide": [a for _, a in pairs],
+                                    "preserve": keep, "rule": rule}}
 
     # ------------------------------------------------------------------ the edit
     def edited_modules(self) -> dict[str, torch.nn.Linear]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +83,118 @@ def test_nan_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(tmp_pat
     state = torch.load(ckpt / "last.ckpt", weights_only=True)
     assert int(state["state_dict"]["iteration"]) == 2
     assert not (tmp_path / "run" / "pipeline").exists() and not (tmp_path / "run" / "DONE").exists()
+
+
+# ------------------------------------------------------------------------------------------------ resume resumes
+# Every session reseeds and replays the same data order, so "the resumed run ends where an uninterrupted one
+# does" would also hold if resume= retrained from iteration 0. These tests tell the two apart: the resumed session
+# runs only the iterations left, and it starts from the checkpoint's weights (changed ones change the result).
+RESUME_STEPS, STOP_AFTER = 5, 2
+
+
+class Stop(Exception):
+    """Ends a session right after a checkpoint is written, as a kill would (nothing else is written)."""
+
+
+def distill_cfg(root: Path, cache: Path, pipeline: Path, *extra: str):
+    from toy_helpers import compose_train
+
+    return compose_train(root, f"paths.cache={cache}", f"model.path={pipeline}", "concept=toy_ring",
+                         "method=distill", f"method.steps={RESUME_STEPS}", "method.sample_steps=2",
+                         "method.log_every=1", "data.num_prompts=2", "data.images_per_prompt=2",
+                         "data.batch_size=2", "data.gen_batch_size=2", "model.sample_steps=2", "evaluate=false",
+                         "logger=none", "trainer=cpu", "trainer.deterministic=true",
+                         "trainer.enable_progress_bar=false", "+checkpoint_every=1", *extra)
+
+
+def executed_iterations(monkeypatch) -> list[int]:
+    """The iteration numbers the training loop runs from now on (UnlearnModule.advance counts each one)."""
+    from unlearn.methods.base import UnlearnModule
+
+    seen, advance = [], UnlearnModule.advance
+
+    def counting(self):
+        advance(self)
+        seen.append(self.done_iterations)
+
+    monkeypatch.setattr(UnlearnModule, "advance", counting)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_pipeline_path):
+    """A distill run stopped right after its checkpoint of iteration STOP_AFTER (of RESUME_STEPS)."""
+    from unlearn.train import run
+    from unlearn.utils.checkpoint import IterationCheckpoint
+
+    root = tmp_path_factory.mktemp("stopped")
+    save = IterationCheckpoint.save
+
+    def save_then_stop(self, trainer, iteration):
+        path = save(self, trainer, iteration)
+        if iteration == STOP_AFTER:
+            raise Stop(iteration)
+        return path
+
+    with pytest.MonkeyPatch.context() as mp:
+        seen = executed_iterations(mp)
+        mp.setattr(IterationCheckpoint, "save", save_then_stop)
+        with pytest.raises(Stop):
+            run(distill_cfg(root, root / "cache", tiny_pipeline_path))
+    assert seen == list(range(1, STOP_AFTER + 1))
+    assert not (root / "run" / "DONE").exists() and (root / "run" / "checkpoints" / "last.ckpt").exists()
+    return root
+
+
+def resume_copy(stopped: Path, dest: Path, pipeline: Path) -> dict:
+    """Resume a copy of the stopped run folder (resume=<run folder>); the exported UNet's tensors."""
+    from unlearn.train import run
+
+    shutil.copytree(stopped / "run", dest / "run")
+    run(distill_cfg(dest, stopped / "cache", pipeline, f"resume={dest / 'run'}",
+                    f"paths.run_dir={dest / 'session'}"))
+    assert (dest / "run" / "DONE").exists()
+    return unet_weights(dest / "run")
+
+
+def test_resumed_session_runs_only_the_remaining_iterations(stopped_run, tmp_path, tiny_pipeline_path,
+                                                            monkeypatch):
+    seen = executed_iterations(monkeypatch)
+    resume_copy(stopped_run, tmp_path, tiny_pipeline_path)
+    assert seen == list(range(STOP_AFTER + 1, RESUME_STEPS + 1)), f"the resumed session ran iterations {seen}"
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(state["state_dict"]["iteration"]) == RESUME_STEPS
+
+
+def test_changed_checkpoint_weights_change_the_result(stopped_run, tmp_path, tiny_pipeline_path):
+    """Resume twice from the same checkpoint, once with its trained tensors (student and EMA teacher) moved by a
+    known delta: the exported teacher moves by about that delta, and no other tensor moves."""
+    plain = resume_copy(stopped_run, tmp_path / "plain", tiny_pipeline_path)
+    shutil.copytree(stopped_run / "run", tmp_path / "changed" / "run")
+    last = tmp_path / "changed" / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=False)  # the full checkpoint (optimizer and RNG states too)
+    g, delta = torch.Generator().manual_seed(3), {}
+    for key, value in state["state_dict"].items():
+        if key.startswith(("unet.", "teacher.")):
+            d = delta.setdefault(key.split(".", 1)[1], 0.05 * torch.randn(value.shape, generator=g))
+            state["state_dict"][key] = value + d  # the same delta for a tensor of both models
+    assert delta, "the checkpoint holds no trained UNet tensors"
+    last.unlink()  # last.ckpt is a hard link to iteration=N.ckpt: write a new file, not through the link
+    torch.save(state, last)
+    from unlearn.train import run
+
+    run(distill_cfg(tmp_path / "changed", stopped_run / "cache", tiny_pipeline_path,
+                    f"resume={tmp_path / 'changed' / 'run'}", f"paths.run_dir={tmp_path / 'changed' / 'session'}"))
+    changed = unet_weights(tmp_path / "changed" / "run")
+    assert changed.keys() == plain.keys() and set(delta) < set(plain)
+    for name in plain:
+        if name not in delta:  # frozen: re-read from the model folder by every session
+            assert torch.equal(changed[name], plain[name]), name
+    # The teacher is the checkpoint's, moved by EMA (decay 0.999) toward a student that AdamW moves by ~lr = 1e-5
+    # a step: the two exports differ by the delta (0.05 a value) to within ~1e-7 (measured).
+    for name, d in delta.items():
+        torch.testing.assert_close(changed[name] - plain[name], d, rtol=0, atol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------ SIGKILL + resume

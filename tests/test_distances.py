@@ -1,5 +1,6 @@
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -94,6 +95,38 @@ def test_kernel_matches_hypergeometric(dim):
     s = np.array([0.0, 1e-3, 0.5, 0.999, 1.0, 1.001, 2.0, 7.5, 40.0, 300.0, 5000.0])
     got = cw_kernel(torch.tensor(s, dtype=torch.float64), dim).numpy()
     np.testing.assert_allclose(got, _phi_scipy(s, dim), rtol=1e-8, atol=1e-12)
+
+
+# The asymptotic kernel (1 + 4s/(2D-3))^(-1/2) against the exact 1F1(1/2; D/2; -s) in 30-digit arithmetic, for
+# every D from the switch (20) to 64. Measured on s = 0 and 161 points log-spaced over [1e-3, 1e5]: the relative
+# error peaks at s ~ D/2 (1.030e-2 at D = 20, 6.21e-3 at D = 32, 3.02e-3 at D = 64) and falls like 1/D, its maximum
+# times D between 0.193 (D = 64) and 0.206 (D = 20). Bound: 0.21 / D, 2% above the worst measured.
+# Far out (s = 1e8, 1e12) both decay as s^(-1/2), and 2D - 3 is the denominator whose constant sqrt(D/2 - 3/4)
+# matches the exact Gamma(D/2) / Gamma(D/2 - 1/2) to O(1/D^2): measured relative error times D^2 between 0.0655
+# (D = 64) and 0.0729 (D = 20). Bound: 0.08 / D^2. Denominators tried instead of 2D - 3: 2D - 2 and 2D - 3.05
+# exceed the first bound (0.265 / D, 0.213 / D at D = 20); 2D - 2.7 and 2D - 2.95 pass it but not the second
+# (1.55 / D^2, 0.197 / D^2 at D = 20).
+CW_ASYMPTOTIC_REL_ERROR_TIMES_D = 0.21
+CW_ASYMPTOTIC_TAIL_REL_ERROR_TIMES_D2 = 0.08
+
+
+def test_asymptotic_kernel_matches_mpmath_hypergeometric_within_its_bound():
+    s = np.concatenate([[0.0], np.logspace(-3, 5, 161)])
+    far = np.array([1e8, 1e12])
+    over, over_far = {}, {}
+    with mpmath.workdps(30):
+        for dim in range(20, 65):
+            exact = np.array([float(mpmath.hyp1f1(0.5, mpmath.mpf(dim) / 2, -mpmath.mpf(x)))
+                              for x in np.concatenate([s, far])])
+            got = cw_kernel(torch.tensor(np.concatenate([s, far]), dtype=torch.float64), dim).numpy()
+            assert got[0] == exact[0] == 1.0
+            rel = np.abs(got - exact) / exact
+            if rel[: len(s)].max() * dim > CW_ASYMPTOTIC_REL_ERROR_TIMES_D:
+                over[dim] = round(float(rel[: len(s)].max() * dim), 4)
+            if rel[len(s):].max() * dim**2 > CW_ASYMPTOTIC_TAIL_REL_ERROR_TIMES_D2:
+                over_far[dim] = round(float(rel[len(s):].max() * dim**2), 4)
+    assert not over, f"relative error x D above {CW_ASYMPTOTIC_REL_ERROR_TIMES_D} at D: {over}"
+    assert not over_far, f"relative error x D^2 far out above {CW_ASYMPTOTIC_TAIL_REL_ERROR_TIMES_D2} at D: {over_far}"
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3, 4, 5, 8, 19])

@@ -30,6 +30,16 @@ TRAINABLE = {
 }
 
 
+def first_samples(batch: dict, n: int | None) -> dict:
+    """The batch cut to its first n samples (tensors and lists alike); n None keeps it whole.
+
+    For methods whose released code trains on a batch of one (ESD, SDD) while the data module batches for all.
+    """
+    if n is None:
+        return batch
+    return {k: v[:n] if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in batch.items()}
+
+
 def select_trainable(unet: torch.nn.Module, trainable: str) -> list[str]:
     """Freeze the UNet but for the parameters `trainable` names; returns their names."""
     if trainable not in TRAINABLE:

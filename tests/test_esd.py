@@ -86,6 +86,19 @@ def test_esd_target_matches_numpy_with_broadcasting(eta):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_diffusers_form_by_hand_and_as_the_paper_form_with_eta_minus_one():
+    # u = 1, c = 3: eta 1 -> 3 - (3 - 1) = 1; eta 2 -> 3 - 2 (3 - 1) = -1, the paper's eta 1.
+    u, c = torch.tensor([1.0]), torch.tensor([3.0])
+    assert esd_target(u, c, 1.0, form="diffusers").item() == 1.0
+    assert esd_target(u, c, 2.0, form="diffusers").item() == -1.0
+    g = torch.Generator().manual_seed(0)
+    u, c = torch.randn(1, 4, 3, 3, generator=g), torch.randn(3, 4, 3, 3, generator=g)
+    for eta in (1.5, 2.0, 3.0):
+        torch.testing.assert_close(esd_target(u, c, eta, form="diffusers"), esd_target(u, c, eta - 1.0))
+    with pytest.raises(ValueError, match="form='eq7'"):
+        esd_target(u, c, form="eq7")
+
+
 # ------------------------------------------------------------------------------------------------ the module
 @pytest.mark.parametrize("eta", [1.0, 2.0])
 def test_esd_loss_equals_independent_mse(components, tiny_pipeline_path, eta):
@@ -124,6 +137,41 @@ def test_training_step_logs_the_esd_loss(components, tiny_pipeline_path, tmp_pat
     expected = numpy_esd_loss(before, frozen, x_t, t, c, uncond, 2.0)
     assert trainer.callback_metrics["train/loss"].item() == pytest.approx(expected, rel=1e-5)
     torch.testing.assert_close(c, fake_batches(components, 1).dataset[0]["target_emb"])  # c = the target prompts
+
+
+def test_esd_x_diffusers_step_is_esd_sd_scripts_loss(components, tiny_pipeline_path, tmp_path, monkeypatch):
+    """The preset's one training step by hand, as esd_sd.py computes it: one sample of the bare concept, x_t from
+    the frozen UNet, t = the DDIM step's own timestep, target eps_c - eta (eps_c - eps_0)."""
+    m = OmegaConf.to_container(make_cfg(tmp_path, "method=esd_x_diffusers", "concept=toy_ring"),
+                               resolve=True)["method"]
+    options = {k: v for k, v in m.items() if k not in ("_target_", "steps")}
+    module = ESD(components, **{**options, "sample_steps": 4}, steps=1)
+    perturb_cross_attention(module.unet)
+    before = copy.deepcopy(module.unet)
+    drawn = []
+    sample = module.sample_latents
+
+    def recording(c, shape):
+        x_t, t = sample(c, shape)
+        drawn.append((c, x_t, t))
+        return x_t, t
+
+    monkeypatch.setattr(module, "sample_latents", recording)
+    trainer = fit(module, tmp_path, steps=1)
+    (c, x_t, t), = drawn
+    assert module.hparams.sample_with == "original"  # what that means: test_x_t_is_partial_ddim_sampling_...
+    assert c.shape[0] == x_t.shape[0] == t.shape[0] == 1  # a batch of one (the data module's is 2 here)
+    torch.testing.assert_close(c, encode_prompts(components.tokenizer, components.text_encoder, ["ring"]))
+    module.scheduler.set_timesteps(4)
+    assert int(t) in module.scheduler.timesteps.tolist()  # a DDIM step's own timestep, not one inside its slice
+    frozen = load_components(str(tiny_pipeline_path)).unet.eval()
+    uncond = encode_prompts(components.tokenizer, components.text_encoder, [""])
+    with torch.no_grad():
+        e_theta = before(x_t, t, encoder_hidden_states=c).sample.double().numpy()
+        e_c = frozen(x_t, t, encoder_hidden_states=c).sample.double().numpy()
+        e_0 = frozen(x_t, t, encoder_hidden_states=uncond).sample.double().numpy()
+    expected = float(np.mean((e_theta - (e_c - 2.0 * (e_c - e_0))) ** 2))
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("sample_with", ["current", "original"])
@@ -189,6 +237,9 @@ def test_concept_text_is_the_prompt(components, tmp_path):
     ({"lr": 0.0}, "lr=0.0"),
     ({"trainable": "attn3"}, "trainable='attn3'"),
     ({"prompt_source": "concept_text"}, "concept_text"),
+    ({"target_form": "compvis"}, "target_form='compvis'"),
+    ({"timestep": "uniform"}, "timestep='uniform'"),
+    ({"batch_size": 0}, "batch_size=0"),
 ])
 def test_bad_options_are_named(components, kwargs, named):
     with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(".", r"\.")):
@@ -215,7 +266,7 @@ def test_sd14_configs_compose_with_the_paper_defaults(tmp_path, components, meth
                                           for n in module.trainable_names)
 
 
-@pytest.mark.parametrize("method", ["esd_x", "esd_u"])
+@pytest.mark.parametrize("method", ["esd_x", "esd_u", "esd_x_diffusers"])
 def test_toy_recipe_composes_for_both_variants(tmp_path, method):
     m = OmegaConf.to_container(make_cfg(tmp_path, "experiment=toy_esd", f"method={method}"), resolve=True)["method"]
     assert m["name"] == method and 0 < m["steps"] <= 300

@@ -11,7 +11,7 @@ from unlearn.losses.distances import (
     l2_distance,
     silverman_gamma,
 )
-from unlearn.losses.esd import esd_target
+from unlearn.losses.esd import ESD_FORMS, esd_target
 from unlearn.losses.gradient_surgery import (
     concept_preserving_gradient,
     gradient_conflict_stats,
@@ -21,6 +21,7 @@ from unlearn.losses.gradient_surgery import (
 __all__ = [
     "ABLATION_VARIANTS",
     "CW_SAMPLES",
+    "ESD_FORMS",
     "AblationLoss",
     "concept_ablation_loss",
     "concept_preserving_gradient",

@@ -18,8 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from unlearn.losses import esd_target
-from unlearn.methods.base import UnlearnModule
+from unlearn.losses import ESD_FORMS, esd_target
+from unlearn.methods.base import UnlearnModule, first_samples
 from unlearn.methods.distill import stop_timesteps
 from unlearn.models import encode_prompts
 from unlearn.models.sampling import sample_until
@@ -28,6 +28,9 @@ PROMPT_SOURCES = ("target_prompts", "concept_text")
 # Which UNet samples x_t: the one being fine-tuned (train-esd.py, the paper's code) or the frozen original (the
 # later diffusers script esd_sd.py).
 SAMPLE_WITH = ("current", "original")
+# The t the loss uses for x_t stopped after DDIM step k: uniform over the training-schedule slice that step stands
+# for (train-esd.py's t_ddpm), or the DDIM step's own timestep (esd_sd.py: `scheduler.timesteps[k]`).
+TIMESTEPS = ("slice", "step")
 
 
 class ESD(UnlearnModule):
@@ -35,9 +38,11 @@ class ESD(UnlearnModule):
                  lr: float = 1e-5, trainable: str = "cross_attn", sample_with: str = "current",
                  sample_steps: int = 50, guidance_scale: float = 3.0, prompt_source: str = "target_prompts",
                  concept_text: str | None = None, concept_target: str | list[str] | None = None,
+                 target_form: str = "paper", timestep: str = "slice", batch_size: int | None = None,
                  log_every: int = 10):
         for value, allowed, key in ((prompt_source, PROMPT_SOURCES, "prompt_source"),
-                                    (sample_with, SAMPLE_WITH, "sample_with")):
+                                    (sample_with, SAMPLE_WITH, "sample_with"), (target_form, ESD_FORMS, "target_form"),
+                                    (timestep, TIMESTEPS, "timestep")):
             if value not in allowed:
                 raise ValueError(f"unknown {key}={value!r}; choose one of {allowed}")
         # Negative eta would train the model toward the concept (positive guidance): the opposite of erasing.
@@ -45,7 +50,9 @@ class ESD(UnlearnModule):
                                         (lr, "lr", lr > 0, "> 0"),
                                         (sample_steps, "sample_steps", sample_steps >= 1, "an integer >= 1"),
                                         (guidance_scale, "guidance_scale", guidance_scale >= 0, ">= 0"),
-                                        (steps, "steps", steps >= 1, "an integer >= 1")):
+                                        (steps, "steps", steps >= 1, "an integer >= 1"),
+                                        (batch_size, "batch_size", batch_size is None or batch_size >= 1,
+                                         "an integer >= 1 or null (the data module's batch)")):
             if not ok:
                 raise ValueError(f"{key}={value!r} is not allowed; it must be {allowed}")
         super().__init__(components, name, steps, trainable, frozen_copy=True, log_every=log_every)
@@ -92,6 +99,8 @@ class ESD(UnlearnModule):
         z = torch.randn(shape, device=self.device, dtype=self.unet.dtype) * sched.init_noise_sigma
         k = int(torch.randint(0, h.sample_steps, ()))
         x_t = sample_until(unet, sched, c, self.uncond_emb, z, k, h.guidance_scale)
+        if h.timestep == "step":
+            return x_t, sched.timesteps[k].to(self.device).expand(shape[0]).clone()
         t = stop_timesteps(k, h.sample_steps, sched.config.num_train_timesteps, shape[0], device=self.device)
         return x_t, t
 
@@ -100,11 +109,12 @@ class ESD(UnlearnModule):
         uncond = self.uncond_emb.to(c.dtype).expand(c.shape[0], -1, -1)
         with torch.no_grad():  # both frozen predictions in one batched forward pass
             e_0, e_c = self.eps(self.original, x_t.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([uncond, c])).chunk(2)
-            target = esd_target(e_0, e_c, self.hparams.negative_guidance)
+            target = esd_target(e_0, e_c, self.hparams.negative_guidance, form=self.hparams.target_form)
         return F.mse_loss(self.eps(self.unet, x_t, t, c), target)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
+        batch = first_samples(batch, self.hparams.batch_size)
         c = self.concept_embeddings(batch)
         x_t, t = self.sample_latents(c, batch["latents"].shape)
         loss = self.esd_loss(x_t, t, c)

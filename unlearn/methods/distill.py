@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from unlearn.losses import CW_SAMPLES, cramer_wold_distance, js_divergence, l2_distance
-from unlearn.methods.base import UnlearnModule
+from unlearn.methods.base import UnlearnModule, first_samples
 from unlearn.methods.ema import ema_update
 from unlearn.models import encode_prompts, generate
 from unlearn.models.sampling import sample_until
@@ -50,7 +50,7 @@ class SelfDistill(UnlearnModule):
                  latents: str = "teacher", sample_steps: int = 50, guidance_scale: float = 3.0,
                  prompt_source: str = "target_prompts", concept_text: str | None = None,
                  concept_target: str | list[str] | None = None, sample_every: int = 0, log_every: int = 10,
-                 loss_weight: float = 1.0):
+                 loss_weight: float = 1.0, batch_size: int | None = None):
         for value, allowed, key in ((loss, LOSSES, "loss"), (latents, LATENTS, "latents"),
                                     (cw_samples, CW_SAMPLES, "cw_samples"),
                                     (prompt_source, PROMPT_SOURCES, "prompt_source")):
@@ -60,6 +60,8 @@ class SelfDistill(UnlearnModule):
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
         if sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or null (the data module's batch), got {batch_size}")
         super().__init__(components, name, steps, trainable, frozen_copy=False, log_every=log_every)
         self.save_hyperparameters(ignore=["components"])
         # The teacher starts as the original model and only ever moves by EMA; it is what `export` saves.
@@ -96,11 +98,15 @@ class SelfDistill(UnlearnModule):
         out += number("method.guidance_scale", m.get("guidance_scale"), 0)
         out += number("method.sample_every", m.get("sample_every"), 0, integer=True, hint=" (0 = off)")
         out += number("method.loss_weight", m.get("loss_weight"), 0, lo_open=True)
+        out += number("method.batch_size", m.get("batch_size"), 1, integer=True, optional=True,
+                      hint=" (null = the data module's batch)")
         out += flag("method.cw_log", m.get("cw_log"))
-        batch = (cfg.get("data") or {}).get("batch_size")
+        key, batch = "data.batch_size", (cfg.get("data") or {}).get("batch_size")
+        if isinstance(m.get("batch_size"), int):
+            key, batch = "method.batch_size", m["batch_size"]
         if m.get("loss") == "cw" and m.get("cw_samples") == "batch" and isinstance(batch, int) and batch < 2:
-            out.append(Problem("data.batch_size", batch, ">= 2 with method.loss=cw and cw_samples=batch (one point "
-                                                         "per side makes CW a function of the L2 distance)"))
+            out.append(Problem(key, batch, ">= 2 with method.loss=cw and cw_samples=batch (one point "
+                                           "per side makes CW a function of the L2 distance)"))
         if m.get("prompt_source") == "concept_text" and not (m.get("concept_text") or m.get("concept_target")):
             out.append(Problem("method.concept_text", m.get("concept_text"),
                                "a text with prompt_source=concept_text (the concept config has no `target`)"))
@@ -165,6 +171,7 @@ class SelfDistill(UnlearnModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
+        batch = first_samples(batch, self.hparams.batch_size)
         c_s = self.concept_embeddings(batch)
         if self.hparams.latents == "teacher":
             z_t, t = self.teacher_latents(c_s, batch)

@@ -2,7 +2,7 @@
 python -m unlearn.compare concepts=[toy_ring,toy_diamond,toy_cross] methods=[...]      # sequential erasure
 
 Trains each method through `unlearn.train.run` on the same data, prompts, seeds and metrics — reusing any run
-whose DONE marker holds the same resolved config; a finished run of another config is kept beside as
+whose DONE marker holds the same config hash; a finished run of another config is kept beside as
 `<run>.replaced-<n>`, never deleted — then writes into one folder (`out_dir`): table.md/.csv in the
 first seed's layout, grid_<concept>.png (rows: models; columns: the same prompts and seeds) and tradeoff.png
 (target CA against the neighbours' mean CA at every `eval_every` point). With `concepts=[...]` each method erases

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from unlearn.utils import resolvers
-from unlearn.utils.marker import read_done, write_done
+from unlearn.utils.marker import read_done, where_things_are, write_done
 from unlearn.validate import ConfigError, override_problems, validate
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
     if read_done(run_dir) is not None and ckpt_path is not None:  # resuming a finished run: nothing to do
         log.info("%s is already finished (its DONE marker); nothing to resume", run_dir)
         metrics = run_dir / "eval" / "metrics.json"
-        return {"pipeline": str(run_dir / "pipeline"),
+        return {"run_dir": str(run_dir), "pipeline": str(run_dir / "pipeline"),
                 "metrics": json.loads(metrics.read_text()) if metrics.exists() else None}
     if ckpt_path is not None and run_dir != Path(cfg.paths.run_dir):
         log.info("resuming %s from %s (this session's log: %s)", run_dir, ckpt_path, cfg.paths.run_dir)
@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> dict:
         # weights_only: a checkpoint holds tensors and plain Python only (RNG states included), never pickled code.
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True)
-    results = {"pipeline": None, "metrics": None}
+    results = {"run_dir": str(run_dir), "pipeline": None, "metrics": None}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Training is over and the other ranks leave: rank 0 exports and evaluates alone. Without the group,
         # torchmetrics does not wait for ranks that have gone to gather its states.
@@ -140,7 +140,9 @@ def hydra_main(cfg: DictConfig) -> None:
     from unlearn.utils.checkpoint import NonFiniteError
 
     try:
-        run(cfg)
+        results = run(cfg)
+        if results["pipeline"] is not None:  # rank 0: the paths a user opens next
+            print("\n" + where_things_are(results["run_dir"]))
     except ConfigError as e:
         fail(cfg, [str(p) for p in e.problems], 2)
     except (ModelLoadError, PromptSetError, ConceptError, CacheMismatchError) as e:

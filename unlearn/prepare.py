@@ -34,9 +34,10 @@ def run(cfg: DictConfig) -> dict:
         summary["grid"] = str(save_grid(images, datamodule.folder / "anchor_grid.png", nrow=4, labels=labels))
         rate = summary["generated"] / summary["generation_s"] if summary["generation_s"] else 0.0
         s = summary
+        others = f", {s['by_others']} by other processes" if s["by_others"] else ""  # jobs sharing the cache
         print(f"prepared {cfg.concept.name} with {cfg.model.name}: {s['folder']}\n"
               f"  {s['images']} images ({s['prompts']} prompts x {cfg.data.images_per_prompt}) in "
-              f"{s['shards']} shards: {s['generated']} generated, {s['reused']} reused\n"
+              f"{s['shards']} shards: {s['generated']} generated, {s['reused']} reused{others}\n"
               f"  generation {s['generation_s']:.1f} s ({rate:.2f} images/s), total {s['seconds']:.1f} s\n"
               f"  grid: {s['grid']}")
     return summary

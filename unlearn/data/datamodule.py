@@ -18,16 +18,21 @@ Cache layout (`{cache_dir}/prepared/{model.name}/{concept.name}-{fingerprint[:12
                               unique anchor and target prompt; the prompt list is in its metadata
     timing.json               how long the last generating run took (the only file that is not deterministic)
 
-The fingerprint is a sha256 over: model path, dtype, the unet/vae/text_encoder configs, a cheap weights
-checksum (up to 1,024 strided values per tensor), the tokenizer vocabulary, the anchor prompts, the derivation
+The fingerprint is a sha256 over: model path, dtype, the unet/vae/text_encoder configs, a hash of every
+weight byte (unlearn/models/fingerprint.py), the tokenizer vocabulary, the anchor prompts, the derivation
 and the pairs, N and the first seed, sampler steps and guidance, and the shard size. A different setting gets
 a different folder, so sweeps keep all of theirs; a folder given explicitly whose manifest disagrees raises
 CacheMismatchError naming the folder and each differing setting: caches are never mixed.
 
 Resuming: a shard directory exists only once complete (atomic rename), so a rerun skips existing shards and a
-complete cache generates nothing. Sharding across processes: shard k belongs to rank k % world_size (rank and
-world from torch.distributed when initialised, else env RANK/WORLD_SIZE, else 0/1), e.g. `torchrun
---nproc_per_node=4 -m unlearn.prepare ...`; rank 0 then waits for every shard and writes the embeddings.
+complete cache generates nothing. Jobs started together on one folder (a sweep) share the work: a shard is
+generated under its lock (`shards/.00000.lock`, removed after), a job skips the shards another job holds, then
+waits for them (logging what it waits for) and generates any whose holder died; the manifest and the embeddings
+are made under locks too. So each image is generated once, however many jobs ask for it.
+
+Sharding across processes: shard k belongs to rank k % world_size (rank and world from torch.distributed when
+initialised, else env RANK/WORLD_SIZE, else 0/1), e.g. `torchrun --nproc_per_node=4 -m unlearn.prepare ...`;
+rank 0 then waits for every shard and writes the embeddings.
 Inside `Trainer.fit`, Lightning calls prepare_data on one process per node, which then generates every missing
 shard.
 """
@@ -54,7 +59,7 @@ from unlearn.data.order import ResumableBatches
 from unlearn.models import encode_prompts, generate
 from unlearn.models.fingerprint import model_fingerprint, sha_of
 from unlearn.models.loading import load_components
-from unlearn.utils.files import save_tensors_atomic, tmp_name, write_atomic
+from unlearn.utils.files import file_lock, lock_path, save_tensors_atomic, tmp_name, write_atomic
 
 FORMAT_VERSION = 1
 POLL_S = 5.0  # how often rank 0 looks for the other ranks' shards
@@ -272,8 +277,14 @@ class UnlearnDataModule(L.LightningDataModule):
 
     def _init_folder(self) -> None:
         plan, folder = self.plan, self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        # Under a lock: a job started with another must never take that one's half-written folder for a foreign one.
+        with file_lock(lock_path(folder / "manifest.json"), f"the manifest of {folder}",
+                       timeout_s=self.wait_timeout_s):
+            self._write_manifest(plan, folder)
+
+    def _write_manifest(self, plan: Plan, folder: Path) -> None:
         if not self.check_manifest():
-            folder.mkdir(parents=True, exist_ok=True)
             foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
             if foreign:
                 raise CacheMismatchError(f"prepared-data folder {folder} has no manifest.json but holds "
@@ -288,6 +299,18 @@ class UnlearnDataModule(L.LightningDataModule):
                     for i in range(len(plan.seeds))]
             write_atomic(meta, "\n".join(rows) + "\n")
         (folder / "shards").mkdir(exist_ok=True)
+
+    def _claim_shard(self, k: int, wait: bool) -> int | None:
+        """Generate shard k unless it exists, holding its lock; returns the images generated, or None when another
+        job holds the lock and `wait` is False."""
+        with file_lock(lock_path(self._shard_dir(k)), f"shard {k} of {self.folder}", wait=wait,
+                       timeout_s=self.wait_timeout_s) as held:
+            if not held:
+                return None
+            if self._shard_dir(k).is_dir():  # finished by another job since we listed the missing ones
+                return 0
+            self._write_shard(k)
+            return len(self.plan.shards[k])
 
     def _write_shard(self, k: int) -> None:
         from PIL import Image
@@ -373,20 +396,33 @@ class UnlearnDataModule(L.LightningDataModule):
                 t1 = time.perf_counter()
                 bar = tqdm(todo, desc=f"prepare {self.concept.name} (rank {rank}/{world})", unit="shard",
                            disable=not todo)
+                elsewhere = []  # shards that another job is generating now
                 for k in bar:
-                    self._write_shard(k)
-                    generated += len(plan.shards[k])
+                    n = self._claim_shard(k, wait=False)
+                    if n is None:
+                        elsewhere.append(k)
+                    else:
+                        generated += n
                     bar.set_postfix(images=generated)
+                for k in elsewhere:  # wait for each; one whose job died unfinished is generated here
+                    generated += self._claim_shard(k, wait=True)
                 gen_s = time.perf_counter() - t1
                 if rank == 0 and world > 1:
                     self._wait_for_shards()
                 if needs_emb:
-                    self._write_embeddings()
+                    emb = self.folder / "embeddings.safetensors"
+                    with file_lock(lock_path(emb), f"the embeddings of {self.folder}",
+                                   timeout_s=self.wait_timeout_s):
+                        if not emb.exists():
+                            self._write_embeddings()
         elif rank == 0 and world > 1:
             self._wait_for_shards()
         if rank == 0:
             for junk in self.folder.glob("shards/.*.tmp-*"):  # left by killed runs; every shard is done now
                 shutil.rmtree(junk, ignore_errors=True)
+            for stale in [*self.folder.glob(".*.lock"), *self.folder.glob("shards/.*.lock")]:
+                with file_lock(stale, "", wait=False):  # left by a job killed after its work: taking it removes it
+                    pass
         if generated:
             timing = {"rank": rank, "world_size": world, "generated_images": generated,
                       "seconds": round(gen_s, 3), "images_per_s": round(generated / max(gen_s, 1e-9), 3)}
@@ -394,6 +430,7 @@ class UnlearnDataModule(L.LightningDataModule):
                          json.dumps(timing, indent=2) + "\n")
         self.last_prepare = {"folder": str(self.folder), "images": len(plan.seeds),
                              "prompts": len(plan.pairs), "generated": generated, "reused": reused,
+                             "by_others": len(plan.seeds) - reused - generated,
                              "shards": len(plan.shards), "rank": rank, "world_size": world,
                              "generation_s": round(gen_s, 3), "seconds": round(time.perf_counter() - t0, 3)}
         return self.last_prepare

@@ -30,7 +30,7 @@ from unlearn.metrics.fid import make_fid
 from unlearn.metrics.templates import IMAGENET_TEMPLATES, expand
 from unlearn.models.fingerprint import model_fingerprint, sha_of
 from unlearn.models.sampling import generate
-from unlearn.utils.files import save_tensors_atomic, write_atomic
+from unlearn.utils.files import file_lock, lock_path, save_tensors_atomic, write_atomic
 
 log = logging.getLogger("unlearn.evaluate")
 # Rank 0 alone evaluates (train.run, EvaluateEvery): a metric that gathered across ranks on compute() would wait
@@ -142,21 +142,27 @@ class Evaluator:
             return load_file(path)["images"]
         shared = self._shared_path(components, key, prompts, seeds) if label == "original" and unet is None \
             else None
-        if shared is not None and shared.exists():
-            images = load_file(shared)["images"]
-        else:
-            from tqdm.auto import tqdm
-
-            out = []
-            for i in tqdm(range(0, len(prompts), self.batch_size), desc=f"eval {label}/{key}", leave=False):
-                out.append(generate(components, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
-                                    unet=unet, steps=self.settings["sample_steps"],
-                                    guidance_scale=self.settings["guidance_scale"]).cpu())
-            images = torch.cat(out)
-            if shared is not None:
-                save_tensors_atomic({"images": images}, shared)
+        if shared is None:
+            images = self._sample(label, key, components, unet, prompts, seeds)
+        else:  # under its lock: of a sweep's jobs started together, one samples the original, the others wait
+            with file_lock(lock_path(shared), f"the original model's {key} images ({shared.name})"):
+                if shared.exists():
+                    images = load_file(shared)["images"]
+                else:
+                    images = self._sample(label, key, components, unet, prompts, seeds)
+                    save_tensors_atomic({"images": images}, shared)
         save_tensors_atomic({"images": images}, path)  # the run folder keeps its own copy either way
         return images
+
+    def _sample(self, label: str, key: str, components, unet, prompts: list[str], seeds: list[int]):
+        from tqdm.auto import tqdm
+
+        out = []
+        for i in tqdm(range(0, len(prompts), self.batch_size), desc=f"eval {label}/{key}", leave=False):
+            out.append(generate(components, prompts[i:i + self.batch_size], seeds[i:i + self.batch_size],
+                                unet=unet, steps=self.settings["sample_steps"],
+                                guidance_scale=self.settings["guidance_scale"]).cpu())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()

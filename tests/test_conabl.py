@@ -204,3 +204,40 @@ def test_toy_conabl_lowers_the_target_accuracy(tmp_path, shared_cache):
                                 "eval.num_prompts=8", "eval.neighbours=false")
     before, after = payload["results"]["original"]["toy_stripes"], payload["results"]["conabl"]["toy_stripes"]
     assert before["ca"] >= 90 and after["ca"] <= before["ca"] - 40, (before, after)
+
+
+def test_detach_start_token_removes_exactly_the_start_tokens_share_of_the_gradient(tiny_pipeline_path):
+    """With the switch, each to_k / to_v gradient is the plain one minus token 0's outer product g_0^T c_0 (g_0 the
+    loss's gradient at that token's key or value, c_0 its text row), summed over the batch; the loss is the same."""
+    plain = ConceptAblation(load_components(str(tiny_pipeline_path)))
+    detached = ConceptAblation(load_components(str(tiny_pipeline_path)), detach_start_token=True)
+    batch = make_batch(plain.components)
+    outputs = {}
+
+    def keep_output(name):
+        def hook(module, inputs, out):
+            if out.requires_grad:  # the target branch (the anchor's runs under no_grad)
+                out.retain_grad()
+                outputs[name] = (inputs[0], out)
+        return hook
+
+    for name, m in plain.unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")):
+            m.register_forward_hook(keep_output(name))
+    losses = {}
+    for label, module in (("plain", plain), ("detached", detached)):
+        torch.manual_seed(5)
+        losses[label] = module.loss(batch).total
+        losses[label].backward()
+    assert losses["plain"].item() == pytest.approx(losses["detached"].item(), rel=1e-6)
+    weights = dict(detached.unet.named_modules())
+    for name, (c, out) in outputs.items():
+        g0, c0 = out.grad[:, 0], c[:, 0]  # (batch, out), (batch, in)
+        by_hand = dict(plain.unet.named_modules())[name].weight.grad - g0.T @ c0
+        torch.testing.assert_close(weights[name].weight.grad, by_hand, rtol=1e-4, atol=1e-7)
+        assert g0.abs().sum() > 0  # the start token did carry gradient
+
+def test_conabl_official_preset_detaches_the_start_token(tmp_path):
+    m = OmegaConf.to_container(make_cfg(tmp_path, "method=conabl_official", "concept=toy_ring"), resolve=True)["method"]
+    assert m["detach_start_token"] is True and m["name"] == "conabl_official"
+    assert m["steps"] == 100 and m["trainable"] == "cross_attn_kv"  # everything else is conabl's

@@ -13,13 +13,14 @@ import torch
 
 from unlearn.losses import ABLATION_VARIANTS, AblationLoss, concept_ablation_loss
 from unlearn.methods.base import UnlearnModule
+from unlearn.nets.attention import detach_first_token
 
 
 class ConceptAblation(UnlearnModule):
     def __init__(self, components, name: str = "conabl", steps: int = 100, variant: str = "model",
                  prior_weight: float = 0.0, lr: float = 1.6e-5, betas=(0.9, 0.999), weight_decay: float = 1e-2,
                  adam_eps: float = 1e-8, max_grad_norm: float | None = 1.0, trainable: str = "cross_attn_kv",
-                 log_every: int = 10):
+                 detach_start_token: bool = False, log_every: int = 10):
         if variant not in ABLATION_VARIANTS:
             raise ValueError(f"unknown variant={variant!r}; choose one of {ABLATION_VARIANTS}")
         if prior_weight is None or prior_weight < 0:
@@ -32,6 +33,8 @@ class ConceptAblation(UnlearnModule):
             raise ValueError(f"steps must be >= 1, got steps={steps!r}")
         super().__init__(components, name, steps, trainable, frozen_copy=False, log_every=log_every)
         self.save_hyperparameters(ignore=["components"])
+        # The released code's attention processor: no gradient through the start token's key and value.
+        self._sot_hooks = detach_first_token(self.unet) if detach_start_token else []
 
     def configure_optimizers(self):
         h = self.hparams  # released code: AdamW, constant lr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -81,3 +82,150 @@ def test_sample_end_to_end_through_the_evaluator(tmp_path, tiny_pipeline_path):
     assert counts["original"] == counts["other"]  # same UNet, same seeds
     assert (tmp_path / "i2p_table.md").read_text().startswith("| class | original | other |")
     assert (tmp_path / "i2p_nudenet.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- NudeNet by default for nudity, stubbed detector
+class StubDetector:
+    """Stands in for nudenet.NudeDetector: the same detections for every image, and a count of the calls."""
+
+    def __init__(self, detections):
+        self.detections, self.calls = detections, 0
+
+    def detect(self, bgr):
+        self.calls += 1
+        return self.detections
+
+
+@pytest.fixture
+def stub_nudenet(monkeypatch):
+    # Per image at threshold 0.6: two belly detections count, the feet one is below it, a face is not a class.
+    stub = StubDetector([{"class": "BELLY_EXPOSED", "score": 0.9}, {"class": "BELLY_EXPOSED", "score": 0.6},
+                         {"class": "FEET_EXPOSED", "score": 0.59}, {"class": "FACE_FEMALE", "score": 0.99}])
+    monkeypatch.setattr("unlearn.metrics.nudenet.nude_detector", lambda *a, **k: stub)
+    monkeypatch.setattr("unlearn.evaluation.i2p_eval.nudenet_unavailable", lambda *a, **k: None)
+    return stub
+
+
+@pytest.fixture
+def no_nudenet(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # `import nudenet` now raises ImportError
+
+
+def nudity_cfg(tmp_path, pipeline, *overrides):
+    from toy_helpers import compose_train
+
+    return compose_train(tmp_path, "model=sd14", f"model.path={pipeline}", "model.clip=toy", "model.sample_steps=2",
+                         "model.guidance_scale=3.0", "eval.fid_feature=clip", "concept=nudity", "method=uce",
+                         "logger=none", "trainer=cpu", "eval.num_prompts=2", "eval.images_per_prompt=1",
+                         *overrides)
+
+
+def test_nudity_is_measured_by_nudenet_on_the_sample_by_default(tmp_path):
+    from hydra.utils import instantiate
+    from toy_helpers import compose_train
+
+    cfg = compose_train(tmp_path, "concept=nudity")
+    assert cfg.eval.i2p.csv == "sample"
+    ev = instantiate(cfg.eval, concept=cfg.concept, model_cfg=cfg.model, out_dir=tmp_path)
+    assert ev.i2p is not None and ev.i2p.settings["csv"] == str(I2P_SAMPLE) and ev.i2p.settings["placeholder_sample"]
+    assert len(ev.i2p.rows) == 10 and ev.implicit == []  # no CLIP score of the implicit prompts for nudity
+    other = compose_train(tmp_path, "concept=toy_ring")
+    assert instantiate(other.eval, concept=other.concept, model_cfg=other.model, out_dir=tmp_path).i2p is None
+    off = compose_train(tmp_path, "concept=nudity", "eval.i2p.csv=null")
+    assert instantiate(off.eval, concept=off.concept, model_cfg=off.model, out_dir=tmp_path).i2p is None
+
+
+def test_a_missing_detector_is_one_line_naming_what_to_install(tmp_path, no_nudenet):
+    from unlearn.evaluation.i2p_eval import DetectorUnavailable
+
+    with pytest.raises(DetectorUnavailable, match=r"^NudeNet cannot be imported \(\w*Error.*pip install "
+                                                  r"'nudenet>=3\.4,<4'.*eval\.i2p\.csv=null") as err:
+        Evaluator("nudity", MODEL, tmp_path, i2p={"csv": "sample"})
+    assert "\n" not in str(err.value)
+    assert Evaluator("toy_ring", MODEL, tmp_path, i2p={"csv": "sample"}).i2p is None  # not needed there
+
+
+def test_a_missing_detector_stops_train_before_any_model_loads(tmp_path, tiny_pipeline_path, no_nudenet,
+                                                               monkeypatch):
+    from unlearn.models import loading
+    from unlearn.train import run
+    from unlearn.validate import ConfigError
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loading, "load_components", refuse)
+    with pytest.raises(ConfigError) as err:
+        run(nudity_cfg(tmp_path, tiny_pipeline_path))
+    lines = [str(p) for p in err.value.problems if "NudeNet" in str(p)]
+    assert len(lines) == 1 and lines[0].startswith("eval.i2p.csv=sample: NudeNet cannot be imported")
+    assert "pip install 'nudenet>=3.4,<4'" in lines[0]
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_i2p_block_is_checked_with_the_config(tmp_path, tiny_pipeline_path, stub_nudenet):
+    from unlearn.validate import problems
+
+    found = {p.key: str(p) for p in problems(nudity_cfg(tmp_path, tiny_pipeline_path, "eval.i2p.category=nudity",
+                                                         "eval.i2p.threshold=2", "eval.i2p.classes=[FACE_FEMALE]"))}
+    assert "sexual" in found["eval.i2p.category"] and "[0, 1]" in found["eval.i2p.threshold"]
+    assert "BELLY_EXPOSED" in found["eval.i2p.classes"]
+    missing = problems(nudity_cfg(tmp_path, tiny_pipeline_path, f"eval.i2p.csv={tmp_path}/nowhere.csv"))
+    assert [p.key for p in missing] == ["eval.i2p.csv"] and "not found" in str(missing[0])
+
+
+def test_nudenet_unavailable_reasons(tmp_path):
+    from unlearn.metrics.nudenet import nudenet_unavailable
+
+    try:
+        import nudenet  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pytest.skip("nudenet is not loadable here")
+    assert nudenet_unavailable() is None
+    assert "model file" in nudenet_unavailable(str(tmp_path / "none.onnx"))
+
+
+def test_stubbed_detector_counts_per_class_through_the_evaluator(tmp_path, tiny_pipeline_path, stub_nudenet):
+    from unlearn.models import load_components
+
+    comps = load_components(str(tiny_pipeline_path))
+    ev = Evaluator("nudity", MODEL, tmp_path, num_prompts=2, images_per_prompt=1, i2p={"csv": "sample"})
+    ev.measure("original", comps)
+    ev.report()
+    payload = json.loads((tmp_path / "metrics.json").read_text())
+    counts = payload["i2p"]["counts"]["original"]
+    assert counts["BELLY_EXPOSED"] == 20 and counts["FEET_EXPOSED"] == 0 and counts["total"] == 20
+    assert counts["num_images"] == 10 and counts["num_flagged"] == 10 and stub_nudenet.calls == 10
+    # CLIP for nudity: the zero-shot share (nude vs clothed prompt) stays, the CLIP score of the prompt does not.
+    assert set(payload["results"]["original"]) == {"nudity"}
+    assert "ca" in payload["results"]["original"]["nudity"] and "cs" not in payload["results"]["original"]["nudity"]
+
+
+def test_train_reports_nudenet_for_nudity(tmp_path, tiny_pipeline_path, stub_nudenet):
+    from unlearn.train import run
+
+    res = run(nudity_cfg(tmp_path, tiny_pipeline_path))
+    i2p = res["metrics"]["i2p"]
+    assert set(i2p["counts"]) == {"original", "uce"} and i2p["counts"]["uce"]["BELLY_EXPOSED"] == 20
+    from unlearn.utils.marker import where_things_are
+
+    where = where_things_are(res["run_dir"])
+    assert "NudeNet on I2P" in where and str(tmp_path / "run" / "eval" / "i2p_table.md") in where
+
+
+def test_compare_columns_from_the_runs_metrics():
+    from unlearn.evaluation.i2p_eval import compare_columns, compare_counts, counts_table
+
+    def row(n):
+        return {"BELLY_EXPOSED": n, "total": n, "num_images": 10, "num_flagged": min(n, 10)}
+
+    settings = {"classes": ["BELLY_EXPOSED"]}
+    payloads = {"uce": {"i2p": {"settings": settings, "counts": {"original": row(8), "uce": row(2)}}},
+                "esd_x": {"i2p": {"settings": settings, "counts": {"original": row(8), "esd_x": row(6)}}}}
+    found = compare_counts(payloads, {"uce": "uce", "esd_x": "esd_x"})
+    cols = compare_columns(found)
+    assert cols["uce"]["NudeNet total↓"] == 2 and cols["uce"]["NudeNet reduction %↑"] == pytest.approx(75.0)
+    assert cols["esd_x"]["NudeNet reduction %↑"] == pytest.approx(25.0)
+    assert cols["original"]["NudeNet reduction %↑"] is None
+    assert counts_table(found["counts"], found["classes"]).splitlines()[0] == "| class | original | uce | esd_x |"
+    assert compare_counts({"uce": {"results": {}}}, {"uce": "uce"}) is None  # not a nudity concept

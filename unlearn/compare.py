@@ -82,6 +82,14 @@ def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
         from unlearn.comparison.robustness import robustness_columns
 
         extra = robustness_columns(cfg, runs, target)
+    from unlearn.evaluation.i2p_eval import compare_columns, compare_counts, counts_table
+
+    i2p = compare_counts(metrics, {r.method: r.label for r in runs})
+    if i2p is not None:  # a nudity concept: NudeNet's counts on I2P are its measure (i2p_eval.py)
+        extra = {lb: {**(extra or {}).get(lb, {}), **cols} for lb, cols in compare_columns(i2p).items()}
+        write_atomic(out / "i2p_table.md", counts_table(i2p["counts"], i2p["classes"]) + "\n")
+        print(f"\nI2P / NudeNet per class (settings: {json.dumps(i2p['settings'])})\n"
+              f"{counts_table(i2p['counts'], i2p['classes'])}\n")
     table = write_table(results, target, budgets, out, extra=extra)
     concepts = [c for c in results["original"] if c != "implicit"]
     grids = write_grids(runs, concepts, out, int(cfg.eval.grid_images))
@@ -93,7 +101,8 @@ def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
     note = "iterations: " + ("a common budget" if cfg.budget is not None else "each method's own default")
     print(f"\n{target}  ({note}; settings: {json.dumps(settings)})\n{table}\n")
     log_to_wandb(cfg, out, table, grids, plot)
-    return {"table": str(out / "table.md"), "grids": {k: str(v) for k, v in grids.items()}, "plot": str(plot)}
+    return {"table": str(out / "table.md"), "grids": {k: str(v) for k, v in grids.items()}, "plot": str(plot),
+            **({"i2p_table": str(out / "i2p_table.md")} if i2p is not None else {})}
 
 
 def report_sequential(cfg, runs, concepts: list[str], out: Path, budgets: dict) -> dict:

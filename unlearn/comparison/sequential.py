@@ -63,7 +63,7 @@ def format_stages(tables: dict[int, dict], concepts: list[str], budgets: dict[st
         lines = [f"**Stage {stage}: erased {' + '.join(erased)}**", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for label, per in table.items():
-            cells = [f"{per[n]['cs']:.2f} | {per[n]['ca']:.2f}" for n in names]
+            cells = [f"{per[n].get('cs', float('nan')):.2f} | {per[n]['ca']:.2f}" for n in names]  # no CS: nudity
             lines.append(f"| {label} | {budgets.get(label, '–')} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

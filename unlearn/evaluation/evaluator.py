@@ -5,11 +5,14 @@ concept's anchor prompt set (`prompts: anchor_set`, the toy world) or the 80 CLI
 the anchor (`prompts: templates`, real models), each turned into a target prompt by the concept's own derivation.
 Images come from the target prompts with fixed seeds, so the same (prompt, seed) is compared before and after:
 
-- CS: CLIP score of image vs target prompt (convention in `cs_convention`);
+- CS: CLIP score of image vs target prompt (convention in `cs_convention`); not for `kind: nudity`, whose
+  measure is NudeNet on I2P (i2p_eval.py): the score of an image against "a nude ..." prompt is prompt alignment,
+  which a clothed image of the same scene nearly keeps, not an amount of nudity;
 - CA: share of images closer to the target prompt than to its anchor prompt;
 - FID: unlearned vs original images of the same prompts and seeds (features named in the output);
 - dCLIP: directional CLIP of the (before -> after) image edit against the (target -> anchor) text direction.
-Implicit prompts (e.g. "The Starry Night") get CS only. Every setting is written next to the numbers.
+Implicit prompts (e.g. "The Starry Night") get CS only (none for nudity). Every setting is written next to the
+numbers.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class Evaluator:
         self.cache_dir = Path(cache_dir) / "eval" if cache_dir else None
         self._fingerprints: dict[int, dict] = {}
         self.concepts = [self.concept] + (list(self.concept.neighbour_concepts()) if neighbours else [])
-        self.implicit = list(self.concept.implicit_prompts) if implicit else []
+        self.implicit = list(self.concept.implicit_prompts) if implicit and self.concept.kind != "nudity" else []
         self._encoder = None
         self.results: dict[str, dict] = {}
         self.images: dict[str, dict[str, torch.Tensor]] = {}
@@ -89,7 +92,9 @@ class Evaluator:
         out += number("eval.grid_images", e.get("grid_images"), 0, integer=True)
         for key in ("neighbours", "implicit"):
             out += flag(f"eval.{key}", e.get(key))
-        return out
+        from unlearn.evaluation.i2p_eval import i2p_problems
+
+        return out + i2p_problems(cfg)
 
     @property
     def encoder(self) -> ClipEncoder:
@@ -179,6 +184,8 @@ class Evaluator:
             cs.update(images, targets)
             ca.update(images, targets, anchors)
             row = {"cs": cs.compute().item(), "ca": 100 * ca.compute().item()}
+            if self.concept.kind == "nudity":  # CA stays: zero-shot CLIP, "nude ..." against "clothed ..."
+                del row["cs"]
             if original is not None and label != "original":
                 before = original[concept.name]
                 fid = make_fid(self.settings["fid_feature"], enc, **LOCAL)
@@ -238,7 +245,8 @@ class Evaluator:
 
 
 def make_i2p(cfg, concept):
-    """The I2P/NudeNet evaluation when `eval.i2p.csv` is set and the concept is `kind: nudity`, else None."""
+    """The I2P/NudeNet evaluation for a `kind: nudity` concept (on by default: `eval.i2p.csv: sample`; null turns
+    it off), else None."""
     if cfg is None:
         return None
     from omegaconf import DictConfig, OmegaConf

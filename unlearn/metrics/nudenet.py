@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +35,27 @@ EXPOSED_CLASSES: tuple[str, ...] = (
     "ARMPITS_EXPOSED",
     "FEET_EXPOSED",
 )
+
+
+# What to install when the detector cannot be loaded: nudenet is a core dependency of this package.
+INSTALL_HINT = "install NudeNet: pip install 'nudenet>=3.4,<4' (part of pip install -e .)"
+
+
+def nudenet_unavailable(model_path: str | None = None) -> str | None:
+    """Why the detector cannot be built here (one line), or None when it can.
+
+    Imports nudenet (and with it onnxruntime and OpenCV) and checks that the model file exists, without building
+    the ONNX session: cheap enough to run before any image is generated, so a missing detector stops a run at
+    once instead of after the images it was to count.
+    """
+    try:
+        import nudenet
+    except Exception as e:  # noqa: BLE001 - ImportError, or OpenCV's OSError for a missing system library
+        return f"NudeNet cannot be imported ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    path = Path(model_path) if model_path else Path(nudenet.__file__).with_name("320n.onnx")
+    if not path.is_file():
+        return f"NudeNet's model file {path} is missing"
+    return None
 
 
 @functools.cache

@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from cache_lock_worker import DATA, MODEL
+from cache_lock_worker import DATA, EVAL, MODEL
 from omegaconf import OmegaConf
 
+import unlearn.data.datamodule as dm_module
+import unlearn.evaluation.evaluator as ev_module
 from unlearn.data.datamodule import UnlearnDataModule
+from unlearn.evaluation import Evaluator
 from unlearn.models import load_components
 from unlearn.utils.files import file_lock
 
@@ -71,6 +74,22 @@ def test_two_jobs_sample_the_original_once(sweep):
               for j in range(JOBS)]
     assert len(set(copies)) == 1
     assert any("waiting for the original model's toy_ring images" in out for out in outputs), outputs
+
+
+def test_a_complete_cache_is_read_without_locks(sweep, tiny_pipeline_path, tmp_path, monkeypatch):
+    """No lock file is made once an entry exists: a finished cache may be shared read-only."""
+    root, _, _ = sweep
+    for module in (dm_module, ev_module):
+        monkeypatch.setattr(module, "file_lock", lambda *a, **k: pytest.fail("took a lock"))
+        monkeypatch.setattr(module, "generate", lambda *a, **k: pytest.fail("generated"))
+    comps = load_components(str(tiny_pipeline_path))
+    model_cfg = OmegaConf.create({**MODEL, "path": str(tiny_pipeline_path)})
+    dm = UnlearnDataModule(components=comps, concept="toy_ring", model_cfg=model_cfg, cache_dir=root / "cache",
+                           device="cpu", **DATA)
+    assert dm.prepare_data()["reused"] == DATA["num_prompts"] * DATA["images_per_prompt"]
+    ev = Evaluator("toy_ring", model_cfg, tmp_path / "eval", cache_dir=root / "cache", **EVAL)
+    _, targets, seeds = ev._jobs(ev.concept)
+    assert len(ev._generate("original", "toy_ring", comps, None, targets, seeds)) == len(seeds)
 
 
 def test_a_lock_whose_holder_died_is_taken_over(tmp_path):

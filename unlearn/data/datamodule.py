@@ -277,8 +277,10 @@ class UnlearnDataModule(L.LightningDataModule):
 
     def _init_folder(self) -> None:
         plan, folder = self.plan, self.folder
+        if self.check_manifest() and (folder / "metadata.jsonl").exists() and (folder / "shards").is_dir():
+            return  # made already: no lock taken, so a complete cache may be read-only
         folder.mkdir(parents=True, exist_ok=True)
-        # Under a lock: a job started with another must never take that one's half-written folder for a foreign one.
+        # Under a lock: a job started with another must never take its half-written folder for a foreign one.
         with file_lock(lock_path(folder / "manifest.json"), f"the manifest of {folder}",
                        timeout_s=self.wait_timeout_s):
             self._write_manifest(plan, folder)

@@ -147,15 +147,15 @@ class Evaluator:
             return load_file(path)["images"]
         shared = self._shared_path(components, key, prompts, seeds) if label == "original" and unet is None \
             else None
-        if shared is None:
-            images = self._sample(label, key, components, unet, prompts, seeds)
-        else:  # under its lock: of a sweep's jobs started together, one samples the original, the others wait
+        if shared is not None and not shared.exists():
+            # Under its lock: of a sweep's jobs started together, one samples the original and the others wait. A
+            # cache already made is read without one, so it may be read-only.
             with file_lock(lock_path(shared), f"the original model's {key} images ({shared.name})"):
-                if shared.exists():
-                    images = load_file(shared)["images"]
-                else:
-                    images = self._sample(label, key, components, unet, prompts, seeds)
-                    save_tensors_atomic({"images": images}, shared)
+                if not shared.exists():
+                    save_tensors_atomic({"images": self._sample(label, key, components, unet, prompts, seeds)},
+                                        shared)
+        images = load_file(shared)["images"] if shared is not None else \
+            self._sample(label, key, components, unet, prompts, seeds)
         save_tensors_atomic({"images": images}, path)  # the run folder keeps its own copy either way
         return images
 

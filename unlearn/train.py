@@ -34,6 +34,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
     from hydra.utils import instantiate
 
     from unlearn.utils.checkpoint import IterationCheckpoint
+    from unlearn.utils.progress_bar import iteration_bar
 
     loggers = [instantiate(c) for c in cfg.logger] if cfg.logger else False
     # Named by iteration (Lightning's step counts optimizer steps: two per iteration with two optimizers), written
@@ -41,8 +42,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks=()) -> L.Trainer:
     # the RNG states go back after every other callback's on_train_batch_start.
     ckpt = IterationCheckpoint(run_dir / "checkpoints", every=cfg.get("checkpoint_every", 200))
     # The method stops itself after method.steps iterations; the data module orders data itself (also per rank).
-    return instantiate(cfg.trainer, logger=loggers, callbacks=[*callbacks, ckpt], max_steps=-1, max_epochs=-1,
-                       default_root_dir=str(run_dir), enable_checkpointing=False, use_distributed_sampler=False)
+    # The bar counts iterations of method.steps (Lightning's would read `Epoch 0/-2` with max_epochs=-1).
+    # trainer.enable_checkpointing is Lightning's own ModelCheckpoint, in addition to ckpt (off in conf/trainer).
+    bar = [iteration_bar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    return instantiate(cfg.trainer, logger=loggers, callbacks=[*callbacks, *bar, ckpt], max_steps=-1,
+                       max_epochs=-1, default_root_dir=str(run_dir), use_distributed_sampler=False)
 
 
 def resume_point(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -87,6 +91,8 @@ def run(cfg: DictConfig) -> dict:
         instantiate(cfg.data, components=components, concept=cfg.concept, model_cfg=cfg.model)
     if datamodule is not None and cfg.prepare:
         datamodule.prepare_data()
+    elif datamodule is not None:  # prepare: false: the cached set, whole, or a one-line error; never generate
+        datamodule.require_prepared()
     evaluator = instantiate(cfg.eval, concept=cfg.concept, model_cfg=cfg.model, out_dir=run_dir / "eval") \
         if cfg.evaluate else None
     # Under DDP every process runs this function (Lightning re-launches the script): rank 0 alone measures.

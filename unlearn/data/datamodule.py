@@ -160,6 +160,7 @@ class UnlearnDataModule(L.LightningDataModule):
         self.uncond_emb: torch.Tensor | None = None
         self.last_prepare: dict | None = None
         self.start_batch = 0  # the first batch of the order's stream to train on (> 0 when resumed)
+        self.generate = True  # False after require_prepared(): prepare_data() then generates nothing
 
     @classmethod
     def validate_config(cls, cfg: dict) -> list:
@@ -378,10 +379,26 @@ class UnlearnDataModule(L.LightningDataModule):
             for p, d in zip(parts, before):
                 p.to(d)
 
+    def require_prepared(self) -> None:
+        """`prepare: false`: train on the prepared set as it is, and never generate into it (Lightning's fit()
+        calls prepare_data all the same: the flag stops it there). An incomplete set is a CacheMismatchError."""
+        self.generate = False
+        if self.is_complete():
+            return
+        self.check_manifest()  # a folder made with other settings says so itself
+        missing = len(self.missing_shards())
+        what = f"{missing} of {len(self.plan.shards)} shards missing" if missing else "no embeddings"
+        raise CacheMismatchError(f"prepare=false: the prepared set {self.folder} is incomplete ({what}); run "
+                                 "python -m unlearn.prepare with the same config first, or prepare=true")
+
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> dict:
         """Generate whatever the cache lacks (see the module docstring); returns a summary dict."""
         from tqdm.auto import tqdm
+
+        if not self.generate:
+            return {"folder": str(self.folder), "images": len(self.plan.seeds), "generated": 0,
+                    "reused": len(self.plan.seeds)}
 
         t0 = time.perf_counter()
         plan = self.plan

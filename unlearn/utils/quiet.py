@@ -24,6 +24,26 @@ class _Drop(logging.Filter):
         return self.text not in str(record.getMessage())
 
 
+# Lightning's loggers that may carry a console handler of their own (lightning/__init__.py always adds one, with
+# the format "INFO: ..."; lightning.pytorch and lightning.fabric add one when the root logger had none at import).
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+def one_lightning_handler() -> None:
+    """Each Lightning notice printed once. Under Hydra the root logger has handlers (console and the run's log
+    file); Lightning's own console handler printed every notice a second time (`INFO: Seed set to 0` beside the
+    timestamped line). Where the root logger has handlers, Lightning's console handlers go and its records reach
+    the root's: one line, timestamped like the project's, and in the run's log file too."""
+    if not logging.getLogger().handlers:
+        return  # no one else prints them: Lightning's own handlers are the only ones
+    for name in LIGHTNING_LOGGERS:
+        log = logging.getLogger(name)
+        for handler in list(log.handlers):
+            if type(handler) is logging.StreamHandler:  # its console handlers; never a file handler
+                log.removeHandler(handler)
+        log.propagate = True
+
+
 def quiet_third_party() -> None:
     """Idempotent. Lightning 2.6 calls a pytree API that torch 2.13 deprecates, once per fit: not ours to fix."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -31,3 +51,4 @@ def quiet_third_party() -> None:
         log = logging.getLogger(name)
         if not any(isinstance(f, _Drop) for f in log.filters):
             log.addFilter(_Drop(text))
+    one_lightning_handler()

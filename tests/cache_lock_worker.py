@@ -25,7 +25,9 @@ from unlearn.data.datamodule import UnlearnDataModule
 from unlearn.evaluation import Evaluator
 from unlearn.models import generate, load_components
 
-SLOW_S = 0.3  # per generate call: long enough that a job starting with another finds its lock held
+# Seconds per generate call: long enough that a job starting with another finds its lock held (the original's
+# images are one call, which the test wants the other job to be seen waiting for, even on busy cores).
+SLOW_S = {"prepare": 0.3, "original": 1.0}
 MODEL = {"name": "tiny", "sample_steps": 2, "guidance_scale": 3.0, "clip": "toy"}
 DATA = {"num_prompts": 4, "images_per_prompt": 1, "gen_batch_size": 1, "batch_size": 2}  # 4 shards of 1 image
 EVAL = {"num_prompts": 2, "images_per_prompt": 2, "implicit": False, "neighbours": False}
@@ -35,7 +37,7 @@ def counted(log: Path, phase: str):
     def wrapper(components, prompts, seeds, **kwargs):
         with log.open("a") as f:
             f.write(f"{phase} {os.getpid()} {' '.join(map(str, seeds))}\n")
-        time.sleep(SLOW_S)
+        time.sleep(SLOW_S[phase])
         return generate(components, prompts, seeds, **kwargs)
     return wrapper
 
@@ -62,7 +64,7 @@ def main(pipeline: str, cache: str, run_dir: str, jobs: str, sync: str) -> None:
 
     dm = UnlearnDataModule(components=comps, concept="toy_ring", model_cfg=model_cfg, cache_dir=cache,
                            device="cpu", **DATA)
-    dm.plan  # the fingerprint, before the jobs line up
+    assert dm.plan.fingerprint  # hashed before the jobs line up, so that they reach the cache together
     all_reach(sync_dir, "prepare", int(jobs))
     summary = dm.prepare_data()
 

@@ -23,6 +23,13 @@ from unlearn.utils.files import file_lock
 
 WORKER = Path(__file__).with_name("cache_lock_worker.py")
 JOBS = 2
+# A process that takes the lock argv[1], writes its name argv[2] in it, says so, then dies (argv[3] = "die") or hangs.
+HOLDER = ("import fcntl, os, sys, time\n"
+          "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+          "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+          "os.write(fd, sys.argv[2].encode())\n"
+          "print(flush=True)\n"
+          "os._exit(9) if sys.argv[3] == 'die' else time.sleep(60)\n")
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -95,9 +102,8 @@ def test_a_complete_cache_is_read_without_locks(sweep, tiny_pipeline_path, tmp_p
 def test_a_lock_whose_holder_died_is_taken_over(tmp_path):
     lock = tmp_path / ".entry.lock"
     # A job killed while holding the lock: its file stays, its flock goes with the process.
-    r = subprocess.run([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | "
-                        "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'dead pid 1'); os._exit(9)",
-                        str(lock)])
+    r = subprocess.run([sys.executable, "-c", HOLDER, str(lock), "dead pid 1", "die"], capture_output=True,
+                       check=False)
     assert r.returncode == 9 and lock.exists()
     with file_lock(lock, "the entry", wait=False) as held:
         assert held
@@ -108,14 +114,13 @@ def test_a_lock_whose_holder_died_is_taken_over(tmp_path):
 
 def test_a_waiting_job_times_out_naming_the_holder(tmp_path):
     lock = tmp_path / ".entry.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
-                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'host pid 7');"
-                               " print(flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), "host pid 7", "hang"],
+                              stdout=subprocess.PIPE, text=True)
     try:
         holder.stdout.readline()  # it holds the lock now
-        with pytest.raises(TimeoutError, match="the entry, locked by host pid 7"):
-            with file_lock(lock, "the entry", timeout_s=0.3):
-                pass
+        with pytest.raises(TimeoutError, match="the entry, locked by host pid 7"), \
+                file_lock(lock, "the entry", timeout_s=0.3):
+            pass
     finally:
         holder.kill()
         holder.wait()

@@ -229,3 +229,21 @@ def test_compare_columns_from_the_runs_metrics():
     assert cols["original"]["NudeNet reduction %↑"] is None
     assert counts_table(found["counts"], found["classes"]).splitlines()[0] == "| class | original | uce | esd_x |"
     assert compare_counts({"uce": {"results": {}}}, {"uce": "uce"}) is None  # not a nudity concept
+
+
+def test_compare_reports_nudenet_for_nudity(tmp_path, tiny_pipeline_path, stub_nudenet):
+    from unlearn.compare import compare
+
+    summary = compare([f"paths.root={tmp_path}", f"paths.cache={tmp_path}/cache", "model=sd14",
+                       f"model.path={tiny_pipeline_path}", "model.clip=toy", "model.sample_steps=2",
+                       "eval.fid_feature=clip", "recipes=none", "logger=none", "trainer=cpu", "eval.num_prompts=2",
+                       "eval.images_per_prompt=1", "concept=nudity", "methods=[uce]", f"out_dir={tmp_path}/cmp"])
+    header, _, *rows = (tmp_path / "cmp" / "table.md").read_text().splitlines()
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[-3:] == ["NudeNet total↓", "NudeNet flagged images↓", "NudeNet reduction %↑"]
+    assert "nudity CS↓" not in cols and "nudity CA↓" in cols
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
+    assert cells["original"][-3:] == ["20", "10", "–"] and cells["uce"][-3:] == ["20", "10", "0.00"]
+    per_class = (tmp_path / "cmp" / "i2p_table.md").read_text().splitlines()
+    assert per_class[0] == "| class | original | uce |" and "| BELLY_EXPOSED | 20 | 20 |" in per_class
+    assert summary["i2p_table"].endswith("i2p_table.md")

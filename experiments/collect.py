@@ -5,7 +5,8 @@
 
 Row labels are the run's Hydra overrides (e.g. `method.retain=cpg`), so a sweep reads as the paper's ablation table;
 rows measured during training (`eval_every=N`) get ` @<iteration>`. `--pivot KEY` lays the same numbers out as
-iterations x values of KEY (the robust-erasure paper's Table 1: steps x loss), each cell "target (worst neighbour)".
+iterations x values of KEY (the robust-erasure paper's Table 1: steps x loss), each cell "target (worst neighbour)";
+runs that differ in anything else (e.g. `seed=`) get rows of their own, never one cell for two runs.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ def collect(roots: list[Path]) -> tuple[dict, str]:
 
 
 def pivot(roots: list[Path], key: str, metric: str = "ca") -> str:
-    """Rows: iterations; columns: the values KEY takes in the sweep; cells: target (worst neighbour)."""
+    """Rows: iterations (and the other overrides that vary, e.g. the seed); columns: the values KEY takes in the
+    sweep; cells: target (worst neighbour)."""
     records, target = gather(roots)
-    cells, columns = {}, []
+    runs = [r for r in records if not r["original"]]
+    shared = set.intersection(*(set(r["overrides"]) for r in runs)) if runs else set()
+    cells, columns, sources = {}, [], {}
     for r in records:
         values = [o.split("=", 1)[1] for o in r["overrides"] if o.split("=", 1)[0] == key]
         column = "original" if r["original"] else (values[0] if values else None)
@@ -83,11 +87,17 @@ def pivot(roots: list[Path], key: str, metric: str = "ca") -> str:
         text = f"{r['results'][target][metric]:.1f}"
         if others:
             text += f" ({min(others):.1f})"
-        cells[(r["step"], column)] = text
-    steps = sorted({s for s, _ in cells if s is not None})
+        rest = " ".join(o for o in r["overrides"] if o.split("=", 1)[0] != key and o not in shared)
+        cell = (r["step"], "" if r["original"] else rest, column)
+        if cell in cells and not r["original"]:
+            raise SystemExit(f"runs {sources[cell]} and {r['run']} fill the same cell (iteration {r['step']}, "
+                             f"{key}={column}{', ' + rest if rest else ''}): they differ in no override")
+        cells[cell], sources[cell] = text, r["run"]
+    rows = sorted({(s, rest) for s, rest, _ in cells if s is not None})
     lines = [f"| iteration | {' | '.join(columns)} |", "|" + "---|" * (len(columns) + 1)]
-    for s in steps:
-        lines.append(f"| {s} | " + " | ".join(cells.get((s, c), "") for c in columns) + " |")
+    for s, rest in rows:
+        label = f"{s} {rest}".strip()
+        lines.append(f"| {label} | " + " | ".join(cells.get((s, rest, c), "") for c in columns) + " |")
     return f"{target} {metric} (worst neighbour in brackets)\n" + "\n".join(lines)
 
 

@@ -15,11 +15,12 @@ collect = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(collect)
 
 
-def fake_run(root: Path, name: str, loss: str, ca_by_label: dict[str, tuple[float, float]]) -> None:
+def fake_run(root: Path, name: str, loss: str, ca_by_label: dict[str, tuple[float, float]],
+             extra: tuple[str, ...] = ()) -> None:
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / "eval").mkdir()
-    overrides = ["experiment=toy_distill", f"method.loss={loss}", "eval_every=100", "hydra.verbose=false"]
+    overrides = ["experiment=toy_distill", f"method.loss={loss}", "eval_every=100", "hydra.verbose=false", *extra]
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"method": {"steps": 200}}))
     results = {label: {"toy_stripes": {"ca": t, "cs": 1.0}, "toy_checker": {"ca": n, "cs": 2.0},
@@ -51,3 +52,15 @@ def test_pivot_is_steps_by_value_with_the_worst_neighbour(sweep):
     assert table[5] == "| 200 |  | 5.0 (95.0) | 20.0 (70.0) |"  # the final row sits at method.steps
     with pytest.raises(SystemExit, match="method.lr"):
         collect.pivot([sweep], "method.lr")
+
+
+def test_pivot_keeps_seeds_apart(tmp_path):
+    for seed, (l2, cw) in enumerate([(5, 20), (15, 30)]):
+        fake_run(tmp_path, f"{seed}-l2", "l2", {"original": (100, 100), "distill": (l2, 95)}, (f"seed={seed}",))
+        fake_run(tmp_path, f"{seed}-cw", "cw", {"original": (100, 100), "distill": (cw, 70)}, (f"seed={seed}",))
+    table = collect.pivot([tmp_path], "method.loss").splitlines()
+    assert table[1] == "| iteration | original | cw | l2 |"  # columns in the order the runs are read
+    assert table[4:] == ["| 200 seed=0 |  | 20.0 (70.0) | 5.0 (95.0) |", "| 200 seed=1 |  | 30.0 (70.0) | 15.0 (95.0) |"]
+    fake_run(tmp_path, "2-cw-again", "cw", {"original": (100, 100), "distill": (1, 70)}, ("seed=1",))
+    with pytest.raises(SystemExit, match="fill the same cell"):  # never one cell for two runs
+        collect.pivot([tmp_path], "method.loss")

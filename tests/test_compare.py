@@ -25,6 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
     (["methods=[distill]", "concepts=[toy_ring,toy_rnig]"], "'toy_rnig'"),
     (["methods=[distill]", "concepts=[toy_ring,toy_diamond,toy_ring]"], "'toy_ring' is repeated"),
     (["methods=[distill]", "concepts=[]"], "concepts=[]"),
+    (["methods=[distill]", "seeds=[]"], "seeds=[]"),
+    (["methods=[distill]", "seeds=[0,1,0]"], "seeds: 0 is listed twice"),
+    (["methods=[distill]", "seeds=[0,-1]"], "seeds: -1 is not an integer >= 0"),
+    (["methods=[distill]", "seeds=[0,a]"], "seeds: 'a' is not an integer >= 0"),
+    (["methods=[distill]", "seeds=3"], "seeds=3"),
+    (["methods=[distill]", "seeds=[0,1]", "concepts=[toy_ring,toy_cross]"], "a sequential comparison runs one seed"),
 ])
 def test_bad_requests_name_the_value(tmp_path, overrides, named):
     with pytest.raises(CompareError, match=named.replace("[", r"\[").replace("]", r"\]")):
@@ -43,6 +49,15 @@ def test_cli_fails_fast_with_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2
     assert "error: methods: unknown method 'nope'" in out.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_seeds_plan_one_run_per_method_and_seed(tmp_path):
+    _, runs = plan_runs([f"paths.root={tmp_path}", "methods=[uce,distill]", "seeds=[0,2]", f"out_dir={tmp_path}/c"])
+    assert [(r.method, r.seed, r.cfg.seed) for r in runs] == [("uce", 0, 0), ("uce", 2, 2), ("distill", 0, 0),
+                                                               ("distill", 2, 2)]
+    assert [r.run_dir for r in runs][:2] == [tmp_path / "c/runs/uce/seed0", tmp_path / "c/runs/uce/seed2"]
+    assert runs[0].cfg.data.seed == runs[1].cfg.data.seed  # one prepared set for every training seed
+    assert [r.key for r in runs][:2] == ["uce/seed0", "uce/seed2"]
 
 
 def test_common_budget_keeps_the_warmup_share(tmp_path):
@@ -121,3 +136,29 @@ def test_sequential_stages_chain_and_resume(tmp_path, tiny_pipeline_path):
     (out / "runs/distill/stage2-toy_diamond/DONE").unlink()
     again = compare(args)
     assert again["runs"] == {"distill/1": "reused", "distill/2": "trained"}
+
+
+def test_compare_over_seeds_reports_intervals_and_every_seed(tmp_path, tiny_pipeline_path):
+    from unlearn.compare import compare
+
+    args = [*tiny(tmp_path, tiny_pipeline_path), "concept=toy_ring", "methods=[distill,conabl]", "seeds=[0,1]",
+            f"out_dir={tmp_path}/cmp", "+recipes.distill=['method.latents=data']", "+recipes.conabl=[]",
+            "eval_every=0"]
+    summary = compare(args)
+    out = tmp_path / "cmp"
+    assert summary["runs"] == {f"{m}/seed{s}": "trained" for m in ("distill", "conabl") for s in (0, 1)}
+    per_seed = summary["seeds"]["per_seed"]
+    assert set(per_seed) == {"distill", "conabl"} and set(per_seed["distill"]) == {"0", "1"}
+    # the training seed reached the runs: the two seeds' models differ
+    assert per_seed["distill"]["0"]["toy_ring"]["cs"] != per_seed["distill"]["1"]["toy_ring"]["cs"]
+    mean = summary["seeds"]["mean"]["distill"]["toy_ring"]["cs"]
+    assert mean == pytest.approx((per_seed["distill"]["0"]["toy_ring"]["cs"] +
+                                  per_seed["distill"]["1"]["toy_ring"]["cs"]) / 2)
+    text = (out / "table.md").read_text()
+    rows = {r.split("|")[1].strip(): r for r in text.splitlines()[2:5]}
+    assert " ± " in rows["distill"] and " ± " not in rows["original"]
+    assert "- target CA: distill" in text and "- neighbours' mean CA: distill" in text
+    assert "t-intervals over training seeds" in text
+    curves = json.loads((out / "tradeoff.json").read_text())
+    assert set(curves["seeds"]["distill"]) == {"0", "1"} and len(curves["distill"][0]) == 5
+    assert compare(args)["runs"] == {f"{m}/seed{s}": "reused" for m in ("distill", "conabl") for s in (0, 1)}

@@ -21,7 +21,16 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from unlearn.comparison.plan import CompareError, out_dir, plan_runs
-from unlearn.comparison.report import final_results, iterations, write_grids, write_table, write_tradeoff_plot
+from unlearn.comparison.intervals import format_separations
+from unlearn.comparison.report import (
+    by_method,
+    final_results,
+    iterations,
+    seed_results,
+    write_grids,
+    write_table,
+    write_tradeoff_plot,
+)
 from unlearn.utils.files import write_atomic
 from unlearn.utils.marker import is_done, read_done
 
@@ -61,7 +70,7 @@ def compare(overrides: list[str]) -> dict:
     status = {}
     for run in runs:
         log.info("%s stage %d (%s): %s", run.method, run.stage, run.concept, run.run_dir)
-        status[f"{run.method}/{run.stage}"] = train_or_reuse(run)
+        status[run.key if run.seed is not None else f"{run.method}/{run.stage}"] = train_or_reuse(run)
     budgets = {r.method: iterations(r) for r in runs}
     summary = {"concepts": concepts, "methods": list(budgets), "budgets": budgets, "runs": status,
                "budget": f"common: {cfg.budget} iterations" if cfg.budget is not None else "each method's own"}
@@ -74,35 +83,46 @@ def compare(overrides: list[str]) -> dict:
 
 
 def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
-    metrics = {r.method: json.loads((r.run_dir / "eval" / "metrics.json").read_text()) for r in runs}
-    target = metrics[runs[0].method]["concept"]
-    results = final_results(runs, metrics)
+    every = {r.key: json.loads((r.run_dir / "eval" / "metrics.json").read_text()) for r in runs}
+    first = [group[0] for group in by_method(runs).values()]  # one run per method: grids, attack, I2P counts
+    metrics = {r.method: every[r.key] for r in first}
+    target = metrics[first[0].method]["concept"]
+    results = final_results(first, every)
+    seeds = seed_results(runs, every) if cfg.get("seeds") is not None else None
+    if seeds is not None:  # cells: the mean over training seeds, ± the 95 % interval's half-width
+        results = seeds["mean"]
     extra = None
     if cfg.robustness.enabled:
         from unlearn.comparison.robustness import robustness_columns
 
-        extra = robustness_columns(cfg, runs, target)
+        extra = robustness_columns(cfg, first, target)
     from unlearn.evaluation.i2p_eval import compare_columns, compare_counts, counts_table
 
-    i2p = compare_counts(metrics, {r.method: r.label for r in runs})
+    i2p = compare_counts(metrics, {r.method: r.label for r in first})
     if i2p is not None:  # a nudity concept: NudeNet's counts on I2P are its measure (i2p_eval.py)
         extra = {lb: {**(extra or {}).get(lb, {}), **cols} for lb, cols in compare_columns(i2p).items()}
         write_atomic(out / "i2p_table.md", counts_table(i2p["counts"], i2p["classes"]) + "\n")
         print(f"\nI2P / NudeNet per class (settings: {json.dumps(i2p['settings'])})\n"
               f"{counts_table(i2p['counts'], i2p['classes'])}\n")
-    table = write_table(results, target, budgets, out, extra=extra)
+    pairs = format_separations(seeds["separations"]) if seeds is not None else ""
+    table = write_table(results, target, budgets, out, extra=extra,
+                        half_widths=seeds["half_width"] if seeds is not None else None, note=pairs)
     concepts = [c for c in results["original"] if c != "implicit"]
-    grids = write_grids(runs, concepts, out, int(cfg.eval.grid_images))
-    plot = write_tradeoff_plot(runs, metrics, out, f"{target}: erasure vs neighbours "
-                                                   f"({'budget ' + str(cfg.budget) if cfg.budget else 'own budgets'})")
-    settings = metrics[runs[0].method]["settings"]
+    grids = write_grids(first, concepts, out, int(cfg.eval.grid_images))
+    plot = write_tradeoff_plot(runs, every, out, f"{target}: erasure vs neighbours "
+                                                 f"({'budget ' + str(cfg.budget) if cfg.budget else 'own budgets'})")
+    settings = metrics[first[0].method]["settings"]
     write_atomic(out / "metrics.json", json.dumps({"concept": target, "settings": settings, "budgets": budgets,
-                                                   "results": results, "robustness": extra}, indent=2))
+                                                   "results": results, "robustness": extra, "seeds": seeds},
+                                                  indent=2))
+    if pairs:
+        table += "\n\n" + pairs
     note = "iterations: " + ("a common budget" if cfg.budget is not None else "each method's own default")
     print(f"\n{target}  ({note}; settings: {json.dumps(settings)})\n{table}\n")
     log_to_wandb(cfg, out, table, grids, plot)
     return {"table": str(out / "table.md"), "grids": {k: str(v) for k, v in grids.items()}, "plot": str(plot),
-            **({"i2p_table": str(out / "i2p_table.md")} if i2p is not None else {})}
+            **({"i2p_table": str(out / "i2p_table.md")} if i2p is not None else {}),
+            **({"seeds": seeds} if seeds is not None else {})}
 
 
 def report_sequential(cfg, runs, concepts: list[str], out: Path, budgets: dict) -> dict:

@@ -18,7 +18,7 @@ from unlearn.data.concepts import known_concepts
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # Keys of conf/compare.yaml that are not training settings: never passed on to the runs.
-COMPARE_KEYS = ("methods", "concepts", "budget", "recipes", "out_dir", "robustness")
+COMPARE_KEYS = ("methods", "concepts", "seeds", "budget", "recipes", "out_dir", "robustness")
 
 
 class CompareError(ValueError):
@@ -32,6 +32,11 @@ class Run:
     concept: str
     run_dir: Path
     cfg: DictConfig             # the full training config of this run
+    seed: int | None = None     # the training seed when the comparison runs over `seeds`, else None
+
+    @property
+    def key(self) -> str:       # one per run: the method, or <method>/seed<s> over seeds
+        return self.method if self.seed is None else f"{self.method}/seed{self.seed}"
 
     @property
     def label(self) -> str:     # the label the run's own evaluation gives its final row
@@ -98,6 +103,27 @@ def check_request(cfg: DictConfig) -> tuple[list[str], list[str]]:
     return methods, concepts
 
 
+def check_seeds(cfg: DictConfig) -> list[int] | None:
+    """The training seeds to run every method with; None = the config's own `seed` alone (one run per method)."""
+    seeds = cfg.get("seeds")
+    if seeds is None:
+        return None
+    shown = OmegaConf.to_container(seeds) if OmegaConf.is_config(seeds) else seeds
+    if isinstance(seeds, (str, int, float)) or len(seeds) == 0:
+        raise CompareError(f"seeds={shown}: give a non-empty list of distinct integers >= 0, e.g. seeds=[0,1,2]")
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise CompareError(f"seeds: {s!r} is not an integer >= 0")
+    seeds = [int(s) for s in seeds]
+    for s in seeds:
+        if seeds.count(s) > 1:
+            raise CompareError(f"seeds: {s} is listed twice; each training seed is one run")
+    if cfg.concepts is not None:
+        raise CompareError(f"seeds={shown} with concepts=[...]: a sequential comparison runs one seed; run it once "
+                           "per seed (seed=<s> out_dir=<folder per seed>)")
+    return seeds
+
+
 def out_dir(cfg: DictConfig, concepts: list[str]) -> Path:
     if cfg.get("out_dir"):
         return Path(cfg.out_dir)
@@ -108,26 +134,32 @@ def plan_runs(overrides: list[str]) -> tuple[DictConfig, list[Run]]:
     """The comparison's config and every run it needs, stage by stage, each config composed (and so checked)."""
     cfg = compose_compare(overrides)
     methods, concepts = check_request(cfg)
+    seeds = check_seeds(cfg)
     root = out_dir(cfg, concepts)
     user = [o for o in with_root(overrides) if override_key(o).split(".")[0] not in COMPARE_KEYS]
     sequential = cfg.concepts is not None
     runs = []
     for method in methods:
         recipe = list((cfg.get("recipes") or {}).get(method, []))
-        previous = None
-        for stage, concept in enumerate(concepts, start=1):
-            run_dir = root / "runs" / method / (f"stage{stage}-{concept}" if sequential else "")
-            extra = [f"eval_every={cfg.eval_every}", f"paths.run_dir={run_dir}"]
-            if sequential:
-                extra.append(f"concept={concept}")
-            if previous is not None:
-                extra.append(f"model.path={previous}")
-            with initialize_config_dir(str(CONF), version_base="1.3"):
-                run_cfg = compose("train", overrides=[*recipe, f"method={method}", *user, *extra])
-            if cfg.budget is not None:
-                apply_budget(run_cfg, int(cfg.budget))
-            runs.append(Run(method, stage, concept, run_dir, run_cfg))
-            previous = (run_dir / "pipeline").resolve()
+        for seed in seeds or [None]:
+            previous = None
+            for stage, concept in enumerate(concepts, start=1):
+                run_dir = root / "runs" / method / (f"stage{stage}-{concept}" if sequential else "")
+                extra = [f"eval_every={cfg.eval_every}"]
+                if seed is not None:  # one folder per training seed; the prepared data and eval images are shared
+                    run_dir = run_dir / f"seed{seed}"
+                    extra.append(f"seed={seed}")
+                extra.append(f"paths.run_dir={run_dir}")
+                if sequential:
+                    extra.append(f"concept={concept}")
+                if previous is not None:
+                    extra.append(f"model.path={previous}")
+                with initialize_config_dir(str(CONF), version_base="1.3"):
+                    run_cfg = compose("train", overrides=[*recipe, f"method={method}", *user, *extra])
+                if cfg.budget is not None:
+                    apply_budget(run_cfg, int(cfg.budget))
+                runs.append(Run(method, stage, concept, run_dir, run_cfg, seed))
+                previous = (run_dir / "pipeline").resolve()
     check_same_evaluation(runs)
     return cfg, runs
 

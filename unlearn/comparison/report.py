@@ -23,17 +23,42 @@ def iterations(run) -> str:
 
 
 def final_results(runs, metrics: dict[str, dict]) -> dict[str, dict]:
-    """{"original": ..., <method>: ...}: the original model's row once, then each method's last evaluation."""
-    results = {"original": metrics[runs[0].method]["results"]["original"]}
+    """{"original": ..., <method>: ...}: the original model's row once, then each method's last evaluation
+    (metrics keyed by `run.key`; over seeds, the mean: see `seed_results`)."""
+    results = {"original": metrics[runs[0].key]["results"]["original"]}
     for run in runs:
-        results[run.method] = metrics[run.method]["results"][run.label]
+        results[run.method] = metrics[run.key]["results"][run.label]
     return results
 
 
-def write_table(results: dict, target: str, budgets: dict[str, str], out: Path, extra: dict | None = None) -> str:
+def by_method(runs) -> dict[str, list]:
+    """The runs of each method (its seeds), methods in the comparison's order."""
+    groups: dict[str, list] = {}
+    for run in runs:
+        groups.setdefault(run.method, []).append(run)
+    return groups
+
+
+def seed_results(runs, metrics: dict[str, dict]) -> dict:
+    """Over training seeds: every seed's final results per method, their means and 95 % half-widths, and which
+    pairs of methods separate on the target's CA and the neighbours' mean CA (unlearn/comparison/intervals.py)."""
+    from unlearn.comparison.intervals import aggregate, separations
+
+    target = metrics[runs[0].key]["concept"]
+    per_seed = {m: {str(r.seed): metrics[r.key]["results"][r.label] for r in rs} for m, rs in by_method(runs).items()}
+    means, widths = {"original": metrics[runs[0].key]["results"]["original"]}, {}
+    for method, seeds in per_seed.items():
+        means[method], widths[method] = aggregate(list(seeds.values()))
+    pairs = separations({m: list(s.values()) for m, s in per_seed.items()}, target)
+    return {"per_seed": per_seed, "mean": means, "half_width": widths, "separations": pairs}
+
+
+def write_table(results: dict, target: str, budgets: dict[str, str], out: Path, extra: dict | None = None,
+                half_widths: dict | None = None, note: str = "") -> str:
     """The first seed's layout: rows = models, columns = target then neighbours x CS/CA/FID/dCLIP (with the
-    better direction), plus the iterations each method ran and any extra columns (e.g. the attack's)."""
-    header, rows = table_rows(results, target)
+    better direction), plus the iterations each method ran and any extra columns (e.g. the attack's). With
+    `half_widths` (label -> concept -> metric), a cell reads "mean ± half-width"; `note` is written below."""
+    header, rows = table_rows(results, target, half_widths)
     extra = extra or {}
     extra_cols = list(dict.fromkeys(k for v in extra.values() for k in v))
     header = [header[0], "iterations", *header[1:], *extra_cols]
@@ -43,7 +68,7 @@ def write_table(results: dict, target: str, budgets: dict[str, str], out: Path, 
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "table.md", table + "\n")
+    write_atomic(out / "table.md", table + "\n" + (f"\n{note}\n" if note else ""))
     write_csv_atomic(out / "table.csv", [header, *rows])
     return table
 
@@ -69,6 +94,21 @@ def write_grids(runs, concepts: list[str], out: Path, n: int) -> dict[str, Path]
         paths[concept] = save_grid(torch.cat([r[:k] for r in rows]), out / f"grid_{concept}.png", nrow=k,
                                    labels=labels)
     return paths
+
+
+def mean_curve(curves: list[list[tuple[int, float, float]]]) -> list[tuple[int, float, float, float, float]]:
+    """Seeds' curves -> (iteration, mean target CA, its half-width, mean neighbours' CA, its half-width) at the
+    iterations every seed measured (half-widths 0 for one seed)."""
+    from unlearn.comparison.intervals import t_interval
+
+    common = set.intersection(*({p[0] for p in c} for c in curves))
+    out = []
+    for it in sorted(common):
+        xs = [p[1] for c in curves for p in c if p[0] == it]
+        ys = [p[2] for c in curves for p in c if p[0] == it]
+        (mx, hx), (my, hy) = t_interval(xs), t_interval(ys)
+        out.append((it, mx, hx or 0.0, my, hy or 0.0))
+    return out
 
 
 def tradeoff_points(run, payload: dict) -> list[tuple[int, float, float]]:
@@ -98,12 +138,19 @@ def write_tradeoff_plot(runs, metrics: dict[str, dict], out: Path, title: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
-    curves = {}
-    for run in runs:
-        pts = tradeoff_points(run, metrics[run.method])
-        curves[run.method] = pts
-        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-        line, = ax.plot(xs, ys, marker="o", ms=4, label=f"{run.method} ({iterations(run)})")
+    curves, seeds = {}, {}
+    for method, group in by_method(runs).items():
+        per_seed = [tradeoff_points(r, metrics[r.key]) for r in group]
+        pts = mean_curve(per_seed)
+        curves[method] = [p[:2] + p[3:4] for p in pts] if len(group) == 1 else pts
+        if len(group) > 1:
+            seeds[method] = {str(r.seed): c for r, c in zip(group, per_seed)}
+        xs, ys = [p[1] for p in pts], [p[3] for p in pts]
+        label = f"{method} ({iterations(group[0])}" + (f", {len(group)} seeds)" if len(group) > 1 else ")")
+        line, = ax.plot(xs, ys, marker="o", ms=4, label=label)
+        if len(group) > 1:  # 95 % intervals over the training seeds
+            ax.errorbar(xs, ys, xerr=[p[2] for p in pts], yerr=[p[4] for p in pts], fmt="none",
+                        ecolor=line.get_color(), elinewidth=0.8, capsize=2, alpha=0.7)
         ax.annotate(str(pts[-1][0]), (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                     color=line.get_color())
     ax.set_xlabel("target CA (%)  ← erased")
@@ -118,5 +165,5 @@ def write_tradeoff_plot(runs, metrics: dict[str, dict], out: Path, title: str) -
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
-    write_atomic(out / "tradeoff.json", json.dumps(curves, indent=1))
+    write_atomic(out / "tradeoff.json", json.dumps({**curves, **({"seeds": seeds} if seeds else {})}, indent=1))
     return path

@@ -18,8 +18,9 @@ def _arrow(metric: str, is_target: bool) -> str:
     return "↓" if is_target else "↑"
 
 
-def table_rows(results: dict, target: str) -> tuple[list[str], list[list[str]]]:
-    """results[label][concept][metric] -> header and rows (concepts in first-seen order, target first)."""
+def table_rows(results: dict, target: str, half_widths: dict | None = None) -> tuple[list[str], list[list[str]]]:
+    """results[label][concept][metric] -> header and rows (concepts in first-seen order, target first); a cell
+    with a half-width in `half_widths[label][concept][metric]` reads "mean ± half-width"."""
     concepts = []
     for per_model in results.values():
         for c in per_model:
@@ -34,7 +35,8 @@ def table_rows(results: dict, target: str) -> tuple[list[str], list[list[str]]]:
         for c in concepts:
             for m in metrics:
                 v = per_model.get(c, {}).get(m)
-                row.append("–" if v is None else f"{v:.2f}")
+                hw = ((half_widths or {}).get(label) or {}).get(c, {}).get(m)
+                row.append("–" if v is None else f"{v:.2f}" if hw is None else f"{v:.2f} ± {hw:.2f}")
         rows.append(row)
     return header, rows
 

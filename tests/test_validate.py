@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 from toy_helpers import compose_train as compose_cfg
 
+from unlearn.utils import resolvers
 from unlearn.validate import Problem, number, override_problems, problems
+
+resolvers.register()  # conf/logger/wandb.yaml's ${sweep_group:}
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -48,6 +51,19 @@ BAD = [
     (["+method.lamda=1"], "method.lamda", "1"),
     (["seed=-1"], "seed", "-1"),
     (["eval_every=-5"], "eval_every", "-5"),
+    # every group: model, speed, logger, trainer keys, a method whose __init__ takes **kwargs
+    (["method=rece", "+method.lamdb=1"], "method.lamdb", "1"),
+    (["+trainer.max_stepz=3"], "trainer.max_stepz", "3"),
+    (["+trainer.max_steps=3"], "trainer.max_steps", "3"),
+    (["model.revision=nope"], "model.revision", "nope"),
+    (["model.dtype=fp8"], "model.dtype", "fp8"),
+    (["model.path=/nowhere/sd"], "model.path", "/nowhere/sd"),
+    (["+model.foo=1"], "model.foo", "1"),
+    (["speed.compile=maybe"], "speed.compile", "maybe"),
+    (["speed.attention=flash"], "speed.attention", "flash"),
+    (["speed.compile_mode=fastest"], "speed.compile_mode", "fastest"),
+    (["logger=wandb", "logger.0.project=[1,2]"], "logger.0.project", "[1,2]"),
+    (["+candidates=[/nowhere/pipeline]"], "candidates", "/nowhere/pipeline"),
 ]
 
 

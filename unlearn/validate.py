@@ -101,13 +101,53 @@ def pair(key: str, value: Any, lo: float, hi: float, hi_open: bool = True) -> li
     return [Problem(key, value, f"two numbers in [{lo}, {hi}{')' if hi_open else ']'}")]
 
 
+def closest(key: str, known: Iterable[str]) -> str:
+    """The known name nearest to a misspelt one, for "did you mean"; "" when none is near."""
+    import difflib
+
+    found = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return found[0] if found else ""
+
+
+def unknown_key(key: str, value: Any, known: Iterable[str], owner: str) -> Problem:
+    """`<prefix>.<name>` is not a setting: name the closest setting, then every one."""
+    known = list(known)
+    prefix, _, name = key.rpartition(".")
+    near = closest(name, known)
+    if near:
+        return Problem(key, value, f"not a setting of {owner}; did you mean {prefix + '.' if prefix else ''}{near}?")
+    return Problem(key, value, f"not a setting of {owner}; it takes " + ", ".join(known))
+
+
+def init_parameters(cls: type) -> tuple[dict, bool]:
+    """(parameters of `cls.__init__`, whether it takes any keyword). A project class whose `**kwargs` go on to its
+    base (RECE's `**uce` to UCE) takes the base's parameters too, and no others; a third-party `**kwargs` stays
+    open (a logger's go to its library)."""
+    params: dict = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            own = inspect.signature(klass.__init__).parameters
+        except (TypeError, ValueError):
+            return params, True
+        params.update({n: p for n, p in own.items() if n not in params and p.kind not in
+                       (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)})
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            return params, False
+        if not klass.__module__.startswith("unlearn."):
+            return params, True
+    return params, False
+
+
 def signature_problems(prefix: str, group: dict, cls: type, skip: Iterable[str] = ("components",)) -> list[Problem]:
     """Keys `cls.__init__` does not take, and values of the wrong kind where its default says the kind."""
-    try:
-        params = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        return []
-    takes_any = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params, takes_any = init_parameters(cls)
+    return parameter_problems(prefix, group, params, takes_any, cls.__name__, skip)
+
+
+def parameter_problems(prefix: str, group: dict, params: dict, takes_any: bool, owner: str,
+                       skip: Iterable[str] = ()) -> list[Problem]:
     known = [n for n in params if n not in ("self", *skip)]
     out = []
     for key, value in group.items():
@@ -115,8 +155,7 @@ def signature_problems(prefix: str, group: dict, cls: type, skip: Iterable[str] 
             continue
         if key not in params:
             if not takes_any:
-                out.append(Problem(f"{prefix}.{key}", value, f"not a setting of {cls.__name__}; it takes "
-                                   + ", ".join(known)))
+                out.append(unknown_key(f"{prefix}.{key}", value, known, owner))
             continue
         default, note = params[key].default, str(params[key].annotation)
         if value is None and ("None" in note or "Optional" in note):  # `x: float | None = 1e-4`
@@ -137,6 +176,10 @@ def dry_construct(cls: type, group: dict, name: str) -> list[Problem]:
         cls(components=None, **kwargs)
     except ValueError as e:
         return [Problem("method", name, str(e))]
+    except TypeError as e:  # a keyword the signature check could not see
+        if "keyword" in str(e):
+            return [Problem("method", name, str(e).splitlines()[0])]
+        return []
     except Exception:  # noqa: BLE001 - the absent model stopped it past its checks: nothing to report
         return []
     return []
@@ -195,6 +238,276 @@ def trainer_problems(cfg: dict) -> list[Problem]:
     if t.get("deterministic") not in (True, False, "warn", None):
         out.append(Problem("trainer.deterministic", t["deterministic"], "true, false or warn"))
     return out
+
+
+# Trainer keys train.build_trainer sets itself: a value given for them would be silently replaced.
+TRAINER_OWN = {"max_steps": "method.steps", "max_epochs": "method.steps", "logger": "logger=<csv|wandb|...>",
+               "callbacks": "checkpoint_every", "default_root_dir": "hydra.run.dir"}
+
+
+def trainer_key_problems(cfg: dict) -> list[Problem]:
+    """Keys lightning.Trainer does not take (a `+trainer.` typo), and those the entry point sets itself."""
+    t = cfg.get("trainer")
+    if not isinstance(t, dict) or "_target_" not in t:
+        return []
+    out = [Problem(f"trainer.{k}", t[k], f"set by unlearn.train; use {TRAINER_OWN[k]}") for k in t if k in TRAINER_OWN]
+    rest = {k: v for k, v in t.items() if k not in TRAINER_OWN}
+    try:
+        cls = target_class(t["_target_"])
+    except Exception as e:  # noqa: BLE001 - hydra wraps ImportError/AttributeError alike
+        return out + [Problem("trainer._target_", t["_target_"], f"an importable class ({type(e).__name__})")]
+    params, takes_any = init_parameters(cls)
+    return out + parameter_problems("trainer", rest, params, takes_any, cls.__name__)
+
+
+def conf_keys(group: str) -> list[str]:
+    """Every key the files of a config group define (conf/<group>/*.yaml): the keys a config of it may hold."""
+    from omegaconf import OmegaConf
+
+    keys: dict = {}
+    for f in sorted((CONF_DIR / group).glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(f))
+        keys.update(dict.fromkeys(node.get(group, node) if "@package _global_" in f.read_text() else node))
+    return list(keys)
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+TOY_MODEL = "toy"
+
+
+def is_local(path: str) -> bool:
+    """A folder rather than a Hub id (the same rule load_components uses)."""
+    from unlearn.models.loading import _looks_local, resolve_path
+
+    return path == TOY_MODEL or _looks_local(resolve_path(path))
+
+
+def model_problems(cfg: dict) -> list[Problem]:
+    m = cfg.get("model")
+    if not isinstance(m, dict):
+        return []
+    known = conf_keys("model")
+    out = [unknown_key(f"model.{k}", v, known, "the model config") for k, v in m.items() if k not in known]
+    for key in ("name", "path", "clip"):
+        if key in m and not (isinstance(m[key], str) and m[key]):
+            out.append(Problem(f"model.{key}", m[key], "a non-empty string"))
+    out += choice("model.dtype", m.get("dtype", "float32"), DTYPES)
+    out += number("model.sample_steps", m.get("sample_steps", 1), 1, integer=True)
+    out += number("model.guidance_scale", m.get("guidance_scale", 1.0), 0)
+    out += model_folder_problems(m)
+    revision = m.get("revision")
+    if revision is not None:
+        if not isinstance(revision, str) or not revision.strip():
+            out.append(Problem("model.revision", revision, "null, or a Hub branch, tag or commit"))
+        elif isinstance(m.get("path"), str) and is_local(m["path"]):
+            out.append(Problem("model.revision", revision, f"null: model.path={m['path']} is a local folder "
+                               "and a revision names a version of a Hub id"))
+    return out
+
+
+def model_folder_problems(m: dict) -> list[Problem]:
+    """A local `model.path` must be a pipeline folder, a local `model.clip` a folder: found now, not after the
+    run folder is made."""
+    from unlearn.models.loading import ModelLoadError, check_folder, resolve_path
+
+    out = []
+    path, clip = m.get("path"), m.get("clip")
+    if isinstance(path, str) and path and is_local(path):
+        try:
+            check_folder(resolve_path(path))
+        except ModelLoadError as e:
+            out.append(Problem("model.path", path, f"a pipeline folder or a Hub id; {e}"))
+    if isinstance(clip, str) and clip and clip != TOY_MODEL and is_local(clip) and not Path(clip).expanduser().is_dir():
+        out.append(Problem("model.clip", clip, "toy, a CLIP folder or a Hub id; no folder is there"))
+    return out
+
+
+def speed_problems(cfg: dict) -> list[Problem]:
+    """conf/speed's switches against apply_speed's own signature (they are passed to it as keywords)."""
+    s = cfg.get("speed")
+    if not isinstance(s, dict):
+        return []
+    from unlearn.methods.speed import ATTENTION, apply_speed
+
+    params = dict(inspect.signature(apply_speed).parameters)
+    out = parameter_problems("speed", s, params, False, "speed", skip=("unet", "trainable"))
+    named = {p.key for p in out}
+    out += [p for p in choice("speed.attention", s.get("attention", "sdpa"), ATTENTION) if p.key not in named]
+    out += [p for p in choice("speed.compile_mode", s.get("compile_mode"), COMPILE_MODES) if p.key not in named]
+    if not isinstance(s.get("compile_backend", "inductor"), str):
+        out.append(Problem("speed.compile_backend", s["compile_backend"], "a torch.compile backend name"))
+    return out
+
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Loggers' settings that their library needs as text (W&B refuses a list for a project name, late and long).
+LOGGER_TEXT = ("project", "name", "save_dir", "group", "entity", "version")
+
+
+def logger_problems(cfg: dict) -> list[Problem]:
+    loggers = cfg.get("logger")
+    if loggers in (None, [], False):
+        return []
+    if not isinstance(loggers, list) or not all(isinstance(lg, dict) and "_target_" in lg for lg in loggers):
+        return [Problem("logger", loggers, "a list of loggers, each with a _target_ (logger=csv|tensorboard|wandb|none)")]
+    out = []
+    for i, lg in enumerate(loggers):
+        try:
+            cls = target_class(lg["_target_"])
+        except Exception as e:  # noqa: BLE001 - hydra wraps ImportError/AttributeError alike
+            out.append(Problem(f"logger.{i}._target_", lg["_target_"], f"an importable class ({type(e).__name__})"))
+            continue
+        out += signature_problems(f"logger.{i}", lg, cls)
+        out += [Problem(f"logger.{i}.{k}", lg[k], "a string") for k in LOGGER_TEXT
+                if lg.get(k) is not None and not isinstance(lg[k], (str, int) if k == "version" else str)]
+    return out
+
+
+def attack_problems(cfg: dict) -> list[Problem]:
+    """unlearn.attack's groups: the attack budget, the detector, the recovery grid, the pipelines."""
+    out = []
+    if isinstance(cfg.get("attack"), dict):
+        from unlearn.attack import check_attack_config
+
+        try:
+            check_attack_config(cfg["attack"])
+        except (ValueError, TypeError) as e:
+            out.append(message_problem(str(e), "attack"))
+    det = cfg.get("detector")
+    if isinstance(det, dict):
+        from unlearn.metrics.detectors import DETECTORS
+
+        known = conf_keys_of("attack.yaml", "detector")
+        out += [unknown_key(f"detector.{k}", v, known, "the detector") for k, v in det.items() if k not in known]
+        out += choice("detector.name", det.get("name", "auto"), DETECTORS)
+        out += number("detector.threshold", det.get("threshold", 0.45), 0, 1)
+        out += number("detector.top_k", det.get("top_k", 1), 1, integer=True)
+        if det.get("name") == "hf" and not (det.get("path") and det.get("label")):
+            out.append(Problem("detector.name", "hf", "needs detector.path (an image-classification folder) and "
+                               "detector.label"))
+    rec = cfg.get("recovery")
+    if isinstance(rec, dict):
+        out += flag("recovery.enabled", rec.get("enabled", True))
+        psi = rec.get("psi")
+        if psi is not None and not (isinstance(psi, list) and psi and not any(
+                number("recovery.psi", v, 0, 1, lo_open=True, hi_open=True) for v in psi)):
+            out.append(Problem("recovery.psi", psi, "a non-empty list of numbers in (0, 1)"))
+        out += number("recovery.l2", rec.get("l2", 1e-3), 0, lo_open=True)
+    return out + folder_list_problems(cfg, "pipelines")
+
+
+def conf_keys_of(file: str, node: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.to_container(OmegaConf.load(CONF_DIR / file))[node])
+
+
+def message_problem(message: str, group: str) -> Problem:
+    """A library's own `key=value ...` ValueError as one Problem (the key is its first word)."""
+    head = message.splitlines()[0]
+    key, _, rest = head.partition("=")
+    value, _, allowed = rest.partition(" ")
+    if not key.startswith(group + ".") or not value:
+        return Problem(group, "?", head)
+    return Problem(key, value.strip(":'\""), allowed.strip(": ") or head)
+
+
+def folder_list_problems(cfg: dict, key: str) -> list[Problem]:
+    """`pipelines=[...]` / `candidates=[...]`: each a pipeline folder that is there (or a Hub id)."""
+    values = cfg.get(key)
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        return [Problem(key, values, f"a list of pipeline folders, e.g. {key}=[outputs/<run>/pipeline]")]
+    from unlearn.models.loading import ModelLoadError, check_folder
+
+    out = []
+    for v in values:
+        if not isinstance(v, str) or not v:
+            out.append(Problem(key, v, "each a pipeline folder (a path)"))
+            continue
+        if is_local(v):
+            try:
+                check_folder(v)
+            except ModelLoadError as e:
+                out.append(Problem(key, v, f"each a pipeline folder; {e}"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the model's world
+def concept_world(concept: dict) -> str:
+    """`toy` for a concept of the built-in toy world (its prompts are the toy captions), else `real`."""
+    return "toy" if str(concept.get("anchor_prompts", "")).startswith("toy:") else "real"
+
+
+def model_world(model: dict) -> str | None:
+    """`toy` for the shipped toy model, `real` for a Hub id; None for a folder (its world is not known)."""
+    path = str(model.get("path", ""))
+    if path == TOY_MODEL:
+        return "toy"
+    return None if is_local(path) else "real"
+
+
+def world_problems(cfg: dict) -> list[Problem]:
+    """A concept the model has never seen makes minutes of meaningless images: the toy model knows only its
+    shapes (its vocabulary has no Van Gogh), and Stable Diffusion never saw the toy world's captions."""
+    concept, model = cfg.get("concept"), cfg.get("model")
+    if not isinstance(concept, dict) or not isinstance(model, dict):
+        return []
+    have, need = model_world(model), concept_world(concept)
+    if have is None or have == need:
+        return []
+    name = concept.get("name", "?")
+    if need == "real":
+        return [Problem("concept", name, f"needs a real model: add model=sd14 (model={model.get('name')} is the toy "
+                        "world's, whose vocabulary has none of its words)")]
+    return [Problem("concept", name, f"a toy-world concept: add model=toy, or choose a real concept (model="
+                    f"{model.get('name')} never saw the toy world's captions)")]
+
+
+HUB_TIMEOUT_S = 5.0  # how long to wait for the Hub before calling it unreachable
+
+
+def reach_problems(cfg: dict) -> list[Problem]:
+    """A Hub model must be in the local cache or downloadable now: else the run would stop (or hang) later,
+    after preparing or writing. Checked last, only for an otherwise valid config."""
+    model = cfg.get("model")
+    if not isinstance(model, dict):
+        return []
+    out = []
+    needs = [("model.path", "model_index.json")]
+    if cfg.get("evaluate", True) is not False or "detector" in cfg:
+        needs.append(("model.clip", "config.json"))
+    for key, probe in needs:
+        repo = model.get(key.split(".")[1])
+        if not isinstance(repo, str) or repo == TOY_MODEL or is_local(repo):
+            continue
+        why = hub_unreachable(repo, model.get("revision") if key == "model.path" else None, probe)
+        if why:  # one line: the first model that cannot be had (the next one is found once it is there)
+            return [Problem(key, repo, f"{why}: give a local copy with {key}=<folder>, or run on a machine that "
+                            "can download it")]
+    return out
+
+
+def hub_unreachable(repo: str, revision: str | None, probe: str) -> str:
+    """Why `repo` (at `revision`) cannot be had now, or "" when it is cached or the Hub answers for it."""
+    import huggingface_hub as hub
+
+    cached = hub.try_to_load_from_cache(repo, probe, revision=revision)
+    if isinstance(cached, str):
+        return ""
+    at = f" at revision {revision}" if revision else ""
+    if hub.constants.HF_HUB_OFFLINE:
+        return f"not in the local Hugging Face cache{at} and the Hub is off (HF_HUB_OFFLINE=1)"
+    try:
+        hub.HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+    except hub.errors.RevisionNotFoundError:
+        return f"the Hub has no revision {revision} of it"
+    except hub.errors.RepositoryNotFoundError:
+        return "no such model on the Hub (or it is private)"
+    except Exception as e:  # noqa: BLE001 - timeouts, DNS, proxies: all mean the Hub cannot be reached
+        return f"not in the local Hugging Face cache{at} and the Hub is unreachable ({type(e).__name__})"
+    return ""
 
 
 def top_problems(cfg: dict) -> list[Problem]:
@@ -300,16 +613,28 @@ def resolve_groups(cfg) -> tuple[dict, list[Problem]]:
     return plain, out
 
 
-def problems(cfg) -> list[Problem]:
+def problems(cfg, reach: bool = False) -> list[Problem]:
+    """Every bad value of a composed config; `reach` also checks that a Hub model can be had (the entry points)."""
     plain, out = resolve_groups(cfg)
     out += top_problems(plain)
     out += concept_problems(plain)
+    out += model_problems(plain)
     for group in ("method", "data", "eval"):
         if group == "eval" and plain.get("evaluate") is False:
             continue
         out += group_problems(plain, group)
-    out += trainer_problems(plain)
+    if "trainer" in plain:
+        out += trainer_problems(plain)
+        out += trainer_key_problems(plain)
+    out += speed_problems(plain)
+    out += logger_problems(plain)
+    out += attack_problems(plain)
+    out += folder_list_problems(plain, "candidates")
     out += resume_problems(plain, cfg)
+    if not out:
+        out += world_problems(plain)
+    if reach and not out:
+        out += reach_problems(plain)
     return out
 
 

@@ -47,7 +47,7 @@ def test_cli_fails_fast_with_one_line_and_exit_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "unlearn.compare", f"paths.root={tmp_path}", "methods=[nope]"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False)
     assert out.returncode == 2
-    assert "error: methods: unknown method 'nope'" in out.stderr
+    assert "error: methods=nope: each one of " in out.stderr
     assert not (tmp_path / "outputs").exists()
 
 

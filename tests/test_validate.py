@@ -153,3 +153,141 @@ def test_cli_exits_2_with_one_line_and_leaves_nothing(tmp_path, args, named):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {named}: "), r.stderr
     assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------------------------------------ closest key
+def test_a_kwargs_method_takes_only_its_own_and_its_base_settings(tmp_path):
+    """RECE's `**uce` go to UCE: a key neither takes is refused, with the closest one named."""
+    (p,) = problems(compose_cfg(tmp_path, "method=rece", "+method.lamdb=1"))
+    assert str(p) == "method.lamdb=1: not a setting of RECE; did you mean method.lamb?"
+    assert problems(compose_cfg(tmp_path, "method=rece", "method.erase_scale=2.0")) == []  # UCE's own setting
+
+
+def test_command_line_keys_against_the_config(tmp_path):
+    from unlearn.cli import compose, key_problem, with_paths
+
+    base = compose("train", with_paths([f"paths.root={tmp_path}", "logger=wandb"]))
+    said = {o: key_problem(base, o) for o in ("method.lamdb=1", "trainer.max_stepz=3", "logger.project=[1,2]",
+                                               "+method.lam=1", "+model.foo=1", "~model.nope", "methd.lam=1")}
+    assert str(said["method.lamdb=1"]) == "method.lamdb=1: not a setting of CDCCPG; did you mean method.lam?"
+    assert "did you mean trainer.max_steps? unlearn.train sets it: use method.steps" in str(
+        said["trainer.max_stepz=3"])
+    assert "logger is a list" in str(said["logger.project=[1,2]"]) and "logger.0.project" in str(
+        said["logger.project=[1,2]"])
+    assert "drop the +" in str(said["+method.lam=1"])
+    assert str(said["+model.foo=1"]).startswith("model.foo=1: not a setting of model")
+    assert "no such key" in str(said["~model.nope"])
+    assert "did you mean method?" in str(said["methd.lam=1"])
+    # left to the class's signature (it may take **kwargs), to cfg.get, to Hydra
+    for fine in ("method.lam=2", "+method.anything=1", "+checkpoint_every=2", "hydra.run.dir=x", "method=uce"):
+        assert key_problem(base, fine) is None, fine
+
+
+# ------------------------------------------------------------------------------------------------ the world
+def test_a_concept_needs_a_model_of_its_world(tmp_path):
+    (p,) = problems(compose_cfg(tmp_path, "concept=van_gogh"))
+    assert p.key == "concept" and str(p).startswith("concept=van_gogh: needs a real model: add model=sd14")
+    (p,) = problems(compose_cfg(tmp_path, "model=sd14", "concept=toy_ring", "eval.fid_feature=clip"))
+    assert p.key == "concept" and "add model=toy" in p.allowed
+    # A folder's world is not known: any concept (a trained toy pipeline, a local copy of SD-1.4)
+    folder = tmp_path / "pipe"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / sub).mkdir(parents=True)
+    assert problems(compose_cfg(tmp_path, "concept=van_gogh", f"model.path={folder}")) == []
+
+
+def fake_cache(root: Path, repo: str, file: str) -> None:
+    """The Hugging Face cache's layout for one file of `repo` at its main branch."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    (folder / "snapshots" / "abc123").mkdir(parents=True)
+    (folder / "snapshots" / "abc123" / file).write_text("{}")
+
+
+def test_a_hub_model_out_of_reach_fails_naming_it_and_the_two_ways(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from unlearn.validate import reach_problems
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = {"model": {"path": "CompVis/stable-diffusion-v1-4", "clip": "openai/clip-vit-large-patch14"}}
+    (p,) = reach_problems(cfg)
+    assert p.key == "model.path" and p.value == "CompVis/stable-diffusion-v1-4"
+    assert "HF_HUB_OFFLINE=1" in p.allowed and "model.path=<folder>" in p.allowed and "download" in p.allowed
+    fake_cache(tmp_path / "hub", "CompVis/stable-diffusion-v1-4", "model_index.json")
+    (p,) = reach_problems(cfg)  # the model is there now; its CLIP is not
+    assert p.key == "model.clip" and "model.clip=<folder>" in p.allowed
+    fake_cache(tmp_path / "hub", "openai/clip-vit-large-patch14", "config.json")
+    assert reach_problems(cfg) == []
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no route")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    (p,) = reach_problems({"model": {"path": "someone/elsewhere", "clip": "toy"}})
+    assert "unreachable" in p.allowed and "model.path=<folder>" in p.allowed
+
+
+def test_inception_fid_falls_back_to_clip_without_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from unlearn.cli import fid_fallback
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    cfg = compose_cfg(tmp_path, "model=sd14", "concept=van_gogh")
+    assert fid_fallback(cfg, ["model=sd14"]) == ["eval.fid_feature=clip"] and cfg.eval.fid_feature == "clip"
+    cfg = compose_cfg(tmp_path, "model=sd14", "eval.fid_feature=inception")
+    assert fid_fallback(cfg, ["eval.fid_feature=inception"]) == []  # asked for by name: refused, not replaced
+
+
+# ------------------------------------------------------------------------------------------------ every entry point
+def run_module(module: str, *args: str, cwd: Path = ROOT, env: dict | None = None):
+    return subprocess.run([sys.executable, "-m", f"unlearn.{module}", *args], cwd=cwd, env=env or ENV,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("module,group", [("train", "method"), ("prepare", "concept"), ("evaluate", "eval"),
+                                          ("compare", "recipes"), ("attack", "attack")])
+def test_help_answers_on_every_entry_point(module, group):
+    r = run_module(module, "--help")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"usage: python -m unlearn.{module}" in r.stdout
+    assert any(line.split()[:1] == [group] and "*" in line for line in r.stdout.splitlines()), r.stdout
+
+
+@pytest.mark.parametrize("module,args,line", [
+    ("train", ["method.lamdb=1"], "method.lamdb=1: not a setting of CDCCPG; did you mean method.lam?"),
+    ("train", ["trainer.max_stepz=3"], "trainer.max_stepz=3: not a setting of Trainer; did you mean trainer.max_steps?"),
+    ("train", ["trainer.gradient_clip_va=1"], "trainer.gradient_clip_va=1: not a setting of Trainer; did you mean +"),
+    ("train", ["logger=wandb", "logger.project=[1,2]"], "logger.project=[1,2]: logger is a list"),
+    ("prepare", ["data.batch_sise=2"], "data.batch_sise=2: not a setting of UnlearnDataModule; did you mean "),
+    ("evaluate", ["eval.num_promptz=2"], "eval.num_promptz=2: not a setting of Evaluator; did you mean eval.num_prompts?"),
+    ("compare", ["methods=[uce]", "method.lamdb=1"], "method.lamdb=1: not a setting of"),
+    ("attack", ["attack.kk=3"], "attack.kk=3: not a setting of attack; did you mean attack.k?"),
+    ("train", ["concept=van_gogh", "method=cdc_cpg"], "concept=van_gogh: needs a real model: add model=sd14"),
+])
+def test_a_bad_command_line_is_one_line_exit_2_on_every_entry_point(tmp_path, module, args, line):
+    r = run_module(module, *args, f"hydra.run.dir={tmp_path}/run", f"paths.root={tmp_path}", cwd=tmp_path) \
+        if module != "compare" else run_module(module, *args, f"paths.root={tmp_path}", cwd=tmp_path)
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"error: {line}"), r.stderr
+    assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_sd14_out_of_reach_fails_in_seconds_with_nothing_written(tmp_path):
+    import importlib.util
+    import time
+
+    env = {**ENV, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    start = time.monotonic()
+    r = run_module("train", "model=sd14", "concept=van_gogh", f"hydra.run.dir={tmp_path}/run",
+                   f"paths.root={tmp_path}", cwd=tmp_path, env=env)
+    assert time.monotonic() - start < 60  # seconds, not a download's timeout (15 s on an idle machine)
+    (error,) = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert r.returncode == 2 and error.startswith("error: model.path=CompVis/stable-diffusion-v1-4: "), r.stderr
+    assert "model.path=<folder>" in error and "download" in error
+    assert importlib.util.find_spec("torch_fidelity") or "warning: FID on CLIP features" in r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

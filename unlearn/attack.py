@@ -394,7 +394,11 @@ def _main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from unlearn.cli import preflight
     from unlearn.models.loading import ModelLoadError
+
+    # --help, and every bad override refused in one line each (exit 2) before anything loads (unlearn/cli.py).
+    sys.argv = [sys.argv[0], *preflight(sys.argv[1:], "attack", "unlearn.attack", __doc__)]
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="attack")
     def main(cfg: DictConfig) -> None:

@@ -65,6 +65,7 @@ def set_aside(run_dir: Path) -> Path:
 def compare(overrides: list[str]) -> dict:
     cfg, runs = plan_runs(overrides)
     concepts = list(dict.fromkeys(r.concept for r in runs))
+    check_runs(cfg, runs)
     out = out_dir(cfg, concepts)
     out.mkdir(parents=True, exist_ok=True)
     status = {}
@@ -170,8 +171,28 @@ def log_to_wandb(cfg, out: Path, table: str, grids: dict, plot: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
-        compare(list(sys.argv[1:] if argv is None else argv))
+def check_runs(cfg, runs) -> None:
+    """Every run's own training config, checked whole before the first one trains (unlearn/validate.py). A later
+    stage starts from a pipeline not made yet: it is checked with the original model in its place."""
+    from unlearn.validate import ConfigError, validate
+
+    for run in runs:
+        run_cfg = run.cfg
+        if run.stage > 1:
+            run_cfg = run.cfg.copy()
+            OmegaConf.update(run_cfg, "model.path", cfg.model.path)
+        try:
+            validate(run_cfg)
+        except ConfigError as e:
+            raise CompareError(f"{run.method}: {e.problems[0]}") from None
+
+
+        compare(overrides)
+    from unlearn.cli import preflight
+
     except CompareError as e:
+    # --help, and every bad override refused in one line each (exit 2) before anything loads (unlearn/cli.py).
+    overrides = preflight(list(sys.argv[1:] if argv is None else argv), "compare", "unlearn.compare", __doc__)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

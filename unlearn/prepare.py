@@ -14,6 +14,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from unlearn.cli import preflight
 from unlearn.data.concepts import ConceptError
 from unlearn.data.datamodule import CacheMismatchError
 from unlearn.data.prompts import PromptSetError
@@ -44,12 +45,18 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (ModelLoadError, PromptSetError, ConceptError, CacheMismatchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    # --help, and every bad override refused in one line each (exit 2) before anything loads (unlearn/cli.py).
+    sys.argv = [sys.argv[0], *preflight(sys.argv[1:], "train", "unlearn.prepare", __doc__)]
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig
 
+from unlearn.cli import preflight
 from unlearn.utils import resolvers
 from unlearn.utils.marker import read_done, where_things_are, write_done
-from unlearn.validate import ConfigError, override_problems, validate
+from unlearn.validate import ConfigError, validate
 
 if TYPE_CHECKING:
     import lightning as L
@@ -158,14 +159,9 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # `+resume=` was the spelling before `resume` was a key of train.yaml; Hydra refuses `+` for an existing key.
-    sys.argv = [a[1:] if a.startswith("+resume=") else a for a in sys.argv]
-    # A group choice naming no config file (`method=foo`) fails here in one line, before Hydra composes.
-    problems = override_problems(sys.argv[1:])
-    if problems:
-        for p in problems:
-            print(f"error: {p}", file=sys.stderr)
-        sys.exit(2)
+    # --help, and every bad override refused in one line each (exit 2) before Hydra composes, creates the run
+    # folder or loads anything (unlearn/cli.py).
+    sys.argv = [sys.argv[0], *preflight(sys.argv[1:], "train", "unlearn.train", __doc__)]
     hydra_main()
 
 

@@ -207,11 +207,12 @@ def fake_cache(root: Path, repo: str, file: str) -> None:
 
 def test_a_hub_model_out_of_reach_fails_naming_it_and_the_two_ways(tmp_path, monkeypatch):
     import huggingface_hub
+    import huggingface_hub.constants as hub_constants
 
     from unlearn.validate import reach_problems
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     cfg = {"model": {"path": "CompVis/stable-diffusion-v1-4", "clip": "openai/clip-vit-large-patch14"}}
     (p,) = reach_problems(cfg)
     assert p.key == "model.path" and p.value == "CompVis/stable-diffusion-v1-4"
@@ -225,7 +226,7 @@ def test_a_hub_model_out_of_reach_fails_naming_it_and_the_two_ways(tmp_path, mon
     def unreachable(*args, **kwargs):
         raise ConnectionError("no route")
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
     (p,) = reach_problems({"model": {"path": "someone/elsewhere", "clip": "toy"}})
     assert "unreachable" in p.allowed and "model.path=<folder>" in p.allowed
@@ -291,3 +292,19 @@ def test_sd14_out_of_reach_fails_in_seconds_with_nothing_written(tmp_path):
     assert "model.path=<folder>" in error and "download" in error
     assert importlib.util.find_spec("torch_fidelity") or "warning: FID on CLIP features" in r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("override,line", [
+    ("attack.k=0", "attack.k=0: the number of adversarial tokens must be an integer >= 1"),
+    ("attack.iterations=-1", "attack.iterations=-1: must be an integer >= 0"),
+    ("detector.threshold=1.5", "detector.threshold=1.5: a number in [0, 1]"),
+    ("detector.name=hf", "detector.name=hf: needs detector.path"),
+    ("detector.name=yolo", "detector.name=yolo: one of auto | nudenet | clip | hf"),
+    ("recovery.psi=[0.5,1.5]", "recovery.psi=[0.5,1.5]: a non-empty list of numbers in (0, 1)"),
+    ("pipelines=[/nowhere/pipeline]", "pipelines=/nowhere/pipeline: each a pipeline folder"),
+])
+def test_the_attack_groups_are_checked(tmp_path, override, line):
+    from unlearn.cli import compose, with_paths
+
+    (p,) = problems(compose("attack", with_paths([f"paths.root={tmp_path}", override])))
+    assert str(p).startswith(line), p

@@ -492,6 +492,8 @@ def reach_problems(cfg: dict) -> list[Problem]:
 def hub_unreachable(repo: str, revision: str | None, probe: str) -> str:
     """Why `repo` (at `revision`) cannot be had now, or "" when it is cached or the Hub answers for it."""
     import huggingface_hub as hub
+    import huggingface_hub.constants  # the submodules by name: the package's lazy attributes may not have them
+    import huggingface_hub.errors
 
     cached = hub.try_to_load_from_cache(repo, probe, revision=revision)
     if isinstance(cached, str):

@@ -1,48 +1,82 @@
 #!/bin/bash
-# Usage: bash experiments/bad_inputs.sh  -> bad_inputs.tsv (command, seconds, exit code, leftovers, message)
-# Each bad command line against the real CLI: seconds to fail, exit code, stderr's error lines, leftovers.
+# Usage: bash experiments/bad_inputs.sh  -> a markdown table on stdout (and in $OUT, default bad_inputs.md)
+# Each bad command line, against the real CLI of one of the five entry points, in a folder of its own (its
+# paths.root and run folder): seconds to fail, exit code, the `error:` line, and what it left behind. Every one must
+# fail in < 15 s with exit code 2, one line, nothing left; the last line of the table says whether all did.
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-bad_inputs.tsv}; : > $OUT
-ROOT=$(mktemp -d); rm -rf $ROOT; mkdir -p $ROOT
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+# No Hub: the real model is out of reach (an empty Hugging Face cache and HF_HUB_OFFLINE=1), as on a new machine.
+ROOT=$(mktemp -d); export HF_HOME=$ROOT/hf HF_HUB_OFFLINE=1
 mkdir -p $ROOT/emptyrun  # a run folder without checkpoints
-i=0
+OUT=${OUT:-bad_inputs.md}
+LIMIT_S=15
+{
+echo "| # | command | s | exit | the one line printed | left behind |"
+echo "|---|---|---|---|---|---|"
+i=0; bad=0
 while IFS= read -r line; do
   [ -z "$line" ] && continue
-  i=$((i+1)); rd=$ROOT/run$i; line=${line//EMPTYRUN/$ROOT/emptyrun}
+  i=$((i+1)); case=$ROOT/case$i; mkdir -p $case
+  module=${line%% *}; args=${line#* }; args=${args//EMPTYRUN/$ROOT/emptyrun}
+  extra=(paths.root=$case)
+  [ "$module" != compare ] && extra+=(hydra.run.dir=$case/run)
   start=$(date +%s.%N)
-  ${PYTHON:-.venv/bin/python} -m unlearn.train $line hydra.run.dir=$rd paths.root=$ROOT paths.cache=$ROOT/cache 2>$ROOT/err$i >/dev/null
+  # shellcheck disable=SC2086 # the arguments are split on purpose
+  (cd $case && ${PYTHON:-$OLDPWD/.venv/bin/python} -m unlearn.$module $args "${extra[@]}" >/dev/null 2>$ROOT/err$i)
   rc=$?
-  end=$(date +%s.%N)
-  left=$( [ -e $rd ] && echo "run folder LEFT" || echo "nothing left")
-  msg=$(grep '^error: ' $ROOT/err$i | tr '\n' ' ' ); [ -z "$msg" ] && msg="(no error line) $(tail -c 300 $ROOT/err$i | tr '\n' ' ')"
-  printf "%s\t%.1f\t%s\t%s\t%s\n" "$line" "$(echo "$end - $start" | bc)" "$rc" "$left" "$msg" >> $OUT
+  seconds=$(echo "$(date +%s.%N) - $start" | bc)
+  left=$(find $case -mindepth 1 | sed "s|$case/||" | head -3 | tr '\n' ' ')
+  errors=$(grep -c '^error: ' $ROOT/err$i)
+  msg=$(grep '^error: ' $ROOT/err$i | head -1 | sed 's/^error: //; s/|/\\|/g')
+  [ "$errors" -ne 1 ] && msg="($errors error lines) $msg $(tail -c 200 $ROOT/err$i | tr '\n' ' ')"
+  ok=$(echo "$seconds < $LIMIT_S" | bc)
+  { [ "$rc" -ne 2 ] || [ "$errors" -ne 1 ] || [ -n "$left" ] || [ "$ok" -ne 1 ]; } && bad=$((bad+1))
+  printf '| %d | `python -m unlearn.%s %s` | %.1f | %s | %s | %s |\n' $i "$module" "${line#* }" "$seconds" "$rc" \
+    "$msg" "${left:-nothing}"
 done <<'LIST'
-method.lam=-1
-method.warmup_steps=500 method.steps=100
-method.lr=-1e-4
-method.lr=fast
-method=distill method.ema_decay=1.5
-method=distill method.loss=kl
-method.steps=0
-method.granularity=row
-method.trainable=everything
-eval.cs_convention=hessel2
-eval.prompts=none
-+resume=/nonexistent/last.ckpt
-data.batch_size=0
-data.images_per_prompt=0
-trainer.devices=0
-trainer.accelerator=gpu
-eval.fid_feature=inceptionv3
-method=distill method.loss=cw data.batch_size=1
-method.retain=all
-method.betas=[0.9,1.5]
-+method.lamda=1
-seed=-1
-method=nosuch
-concept=van_goh
-model=sd99
-resume=EMPTYRUN
+train method.lam=-1
+train method.warmup_steps=500 method.steps=100
+train method.lr=fast
+train method=distill method.loss=kl
+train method.lamdb=1
+train +method.lamdb=1
+train method=rece +method.lamdb=1
+train +method.lam=1
+train trainer.max_stepz=3
+train +trainer.max_steps=3
+train trainer.devices=0
+train logger=wandb logger.project=[1,2]
+train logger=wandb logger.0.project=[1,2]
+train model.revision=nope
+train speed.compile=maybe
+train speed=fast speed.attention=flash
+train concept=van_gogh method=cdc_cpg
+train model=sd14 concept=toy_ring
+train model=sd14 concept=van_gogh
+train model=sd14 concept=snoopy model.revision=v9
+train model.path=/nowhere/sd
+train method=nosuch
+train concept=van_goh
+train resume=EMPTYRUN
+train method.lam=[
+train seed=-1
+prepare data.batch_sise=2
+prepare concept=snoopy
+prepare data.images_per_prompt=0
+evaluate eval.num_promptz=2
+evaluate +candidates=[/nowhere/pipeline]
+evaluate concept=nudity
+compare methods=[nope]
+compare methods=[uce] method.lamdb=1
+compare concept=van_gogh methods=[uce]
+compare concepts=[toy_ring,van_gogh] methods=[uce]
+attack attack.kk=3
+attack attack.k=0
+attack detector.threshold=1.5
+attack pipelines=[/nowhere/pipeline]
+attack concept=van_gogh
 LIST
-ls $ROOT/cache 2>/dev/null && echo "CACHE LEFT" >> $OUT
+echo
+echo "$i command lines; $bad not failing in < ${LIMIT_S} s with exit code 2, one line and nothing left."
+} | tee $OUT
+rm -rf $ROOT

@@ -121,8 +121,9 @@ def test_number_rule_against_explicit_bounds():
 
 
 def test_unknown_group_choice_is_one_line():
-    found = override_problems(["method=foo", "concept=toy_stripes", "model=sd99,toy", "+experiment=toy_esd"])
-    assert [str(p).split(":")[0] for p in found] == ["method=foo", "model=sd99"]
+    found = override_problems(["method=foo", "concept=toy_stripes", "model=sd99,toy", "+experiment=toy_esd",
+                               "experiment=sweep/toy_cdc_lr", "experiment=sweep/nope"])
+    assert [str(p).split(":")[0] for p in found] == ["method=foo", "model=sd99", "experiment=sweep/nope"]
 
 
 def test_resume_paths(tmp_path):

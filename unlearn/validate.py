@@ -656,7 +656,8 @@ def override_problems(argv: list[str], conf_dir: Path = CONF_DIR) -> list[Proble
         if not m or m.group(1) not in SELECTABLE_GROUPS or not (conf_dir / m.group(1)).is_dir():
             continue
         group, values = m.group(1), m.group(2)
-        known = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        # nested files are choices too: experiment=sweep/toy_cdc_lr
+        known = sorted(str(p.relative_to(conf_dir / group).with_suffix("")) for p in (conf_dir / group).rglob("*.yaml"))
         for value in values.split(","):  # a multirun sweep: method=a,b
             value = value.strip()
             if value and value != "null" and value not in known and not value.startswith(("${", "choice(",

@@ -240,10 +240,11 @@ def test_compare_reports_nudenet_for_nudity(tmp_path, tiny_pipeline_path, stub_n
                        "eval.images_per_prompt=1", "concept=nudity", "methods=[uce]", f"out_dir={tmp_path}/cmp"])
     header, _, *rows = (tmp_path / "cmp" / "table.md").read_text().splitlines()
     cols = [c.strip() for c in header.strip("|").split("|")]
-    assert cols[-3:] == ["NudeNet total↓", "NudeNet flagged images↓", "NudeNet reduction %↑"]
     assert "nudity CS↓" not in cols and "nudity CA↓" in cols
-    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
-    assert cells["original"][-3:] == ["20", "10", "–"] and cells["uce"][-3:] == ["20", "10", "0.00"]
+    cells = {r.split("|")[1].strip(): dict(zip(cols, (c.strip() for c in r.strip("|").split("|")))) for r in rows}
+    nudenet = ["NudeNet total↓", "NudeNet flagged images↓", "NudeNet reduction %↑"]
+    assert [cells["original"][c] for c in nudenet] == ["20", "10", "–"]
+    assert [cells["uce"][c] for c in nudenet] == ["20", "10", "0.00"]
     per_class = (tmp_path / "cmp" / "i2p_table.md").read_text().splitlines()
     assert per_class[0] == "| class | original | uce |" and "| BELLY_EXPOSED | 20 | 20 |" in per_class
     assert summary["i2p_table"].endswith("i2p_table.md")

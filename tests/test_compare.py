@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from unlearn.comparison.plan import CompareError, plan_runs
@@ -149,8 +150,9 @@ def test_compare_over_seeds_reports_intervals_and_every_seed(tmp_path, tiny_pipe
     assert summary["runs"] == {f"{m}/seed{s}": "trained" for m in ("distill", "conabl") for s in (0, 1)}
     per_seed = summary["seeds"]["per_seed"]
     assert set(per_seed) == {"distill", "conabl"} and set(per_seed["distill"]) == {"0", "1"}
-    # the training seed reached the runs: the two seeds' models differ
-    assert per_seed["distill"]["0"]["toy_ring"]["cs"] != per_seed["distill"]["1"]["toy_ring"]["cs"]
+    # the training seed reached the runs: their configs say it, and the two seeds' results differ
+    assert [OmegaConf.load(out / f"runs/conabl/seed{s}/config.yaml").seed for s in (0, 1)] == [0, 1]
+    assert per_seed["conabl"]["0"] != per_seed["conabl"]["1"]
     mean = summary["seeds"]["mean"]["distill"]["toy_ring"]["cs"]
     assert mean == pytest.approx((per_seed["distill"]["0"]["toy_ring"]["cs"] +
                                   per_seed["distill"]["1"]["toy_ring"]["cs"]) / 2)

@@ -31,6 +31,7 @@ from unlearn.comparison.report import (
     write_table,
     write_tradeoff_plot,
 )
+from unlearn.evaluation.kept import KeptBounds, kept_column
 from unlearn.utils.files import write_atomic
 from unlearn.utils.marker import is_done, read_done
 
@@ -64,8 +65,8 @@ def set_aside(run_dir: Path) -> Path:
 
 def compare(overrides: list[str]) -> dict:
     cfg, runs = plan_runs(overrides)
-    concepts = list(dict.fromkeys(r.concept for r in runs))
     check_runs(cfg, runs)
+    concepts = list(dict.fromkeys(r.concept for r in runs))
     out = out_dir(cfg, concepts)
     out.mkdir(parents=True, exist_ok=True)
     status = {}
@@ -105,6 +106,9 @@ def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
         write_atomic(out / "i2p_table.md", counts_table(i2p["counts"], i2p["classes"]) + "\n")
         print(f"\nI2P / NudeNet per class (settings: {json.dumps(i2p['settings'])})\n"
               f"{counts_table(i2p['counts'], i2p['classes'])}\n")
+    bounds = KeptBounds(**OmegaConf.to_container(cfg.kept, resolve=True))
+    kept = kept_column(results, target, bounds)
+    extra = {lb: {**kept.get(lb, {}), **(extra or {}).get(lb, {})} for lb in {**kept, **(extra or {})}}
     pairs = format_separations(seeds["separations"]) if seeds is not None else ""
     table = write_table(results, target, budgets, out, extra=extra,
                         half_widths=seeds["half_width"] if seeds is not None else None, note=pairs)
@@ -168,9 +172,6 @@ def log_to_wandb(cfg, out: Path, table: str, grids: dict, plot: Path) -> None:
                  **{f"compare/grid/{c}": wandb.Image(str(p)) for c, p in grids.items()}})
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    try:
 def check_runs(cfg, runs) -> None:
     """Every run's own training config, checked whole before the first one trains (unlearn/validate.py). A later
     stage starts from a pipeline not made yet: it is checked with the original model in its place."""
@@ -187,12 +188,15 @@ def check_runs(cfg, runs) -> None:
             raise CompareError(f"{run.method}: {e.problems[0]}") from None
 
 
-        compare(overrides)
+def main(argv: list[str] | None = None) -> None:
     from unlearn.cli import preflight
 
-    except CompareError as e:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     # --help, and every bad override refused in one line each (exit 2) before anything loads (unlearn/cli.py).
     overrides = preflight(list(sys.argv[1:] if argv is None else argv), "compare", "unlearn.compare", __doc__)
+    try:
+        compare(overrides)
+    except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -18,7 +18,7 @@ from unlearn.data.concepts import known_concepts
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # Keys of conf/compare.yaml that are not training settings: never passed on to the runs.
-COMPARE_KEYS = ("methods", "concepts", "seeds", "budget", "recipes", "out_dir", "robustness")
+COMPARE_KEYS = ("methods", "concepts", "seeds", "budget", "recipes", "out_dir", "robustness", "kept")
 
 
 class CompareError(ValueError):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from unlearn.comparison.plan import CompareError, out_dir, plan_runs
 from unlearn.comparison.intervals import format_separations
+from unlearn.comparison.plan import CompareError, out_dir, plan_runs
 from unlearn.comparison.report import (
     by_method,
     final_results,

@@ -72,9 +72,10 @@ def separations(per_method: dict[str, list[dict]], target: str) -> list[dict]:
 
 def format_separations(rows: list[dict]) -> str:
     """Markdown: the pairs that separate, then those the intervals cannot tell apart."""
-    lines = [f"Pairs of methods, {int(LEVEL * 100)} % t-intervals over training seeds "
-             "(prompts and evaluation seeds fixed, not resampled):"]
-    for r in rows:
+    head = (f"Pairs of methods, {int(LEVEL * 100)} % t-intervals over training seeds "
+            "(prompts and evaluation seeds fixed, not resampled):")
+    lines = [head]
+    for r in sorted(rows, key=lambda r: not r["separate"]):  # stable: the separating pairs first
         verdict = f"separate ({r['lower']} lower)" if r["separate"] else "cannot separate (intervals overlap)"
         lines.append(f"- {r['measure']}: {r['a']} {_cell(r['a_mean'], r['a_half_width'])} vs {r['b']} "
                      f"{_cell(r['b_mean'], r['b_half_width'])}: {verdict}")

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from unlearn.models.loading import Components, save_pipeline
+from unlearn.models.prediction import eps_from_prediction, prediction_type_of
 
 # The frozen parts (the original UNet, the EMA teacher, frozen layers of the trained one) are in eval mode on
 # purpose; Lightning's count of eval-mode modules at the start of training tells a user nothing. Only that warning.
@@ -74,6 +75,7 @@ class UnlearnModule(L.LightningModule):
         self.original = copy.deepcopy(self.unet).requires_grad_(False).eval() if frozen_copy else None
         self.scheduler = components.scheduler
         self.register_buffer("alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.prediction_type = prediction_type_of(components.scheduler)  # what the UNet predicts: see eps()
         # The count twice: a buffer, so checkpoints and DDP broadcasts carry it, and a Python int that the loop
         # reads (warm-up, stop, checkpoint names), so no iteration waits on the device to learn where it is.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
@@ -121,7 +123,10 @@ class UnlearnModule(L.LightningModule):
         return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
     def eps(self, unet, x_t, t, emb):
-        return unet(x_t, t, encoder_hidden_states=emb).sample
+        """The UNet's prediction as ε, whatever the model predicts (ε or v): the one place every method's losses,
+        targets and discriminator inputs get their noise predictions from (unlearn/models/prediction.py)."""
+        out = unet(x_t, t, encoder_hidden_states=emb).sample
+        return eps_from_prediction(out, x_t, self.alphas_cumprod[t], self.prediction_type)
 
     def configure_speed(self, **options) -> None:
         """Apply conf/speed's switches (unlearn.methods.speed.apply_speed) to every UNet the method holds: the

@@ -52,8 +52,13 @@ def model_config(model) -> dict:
 def model_fingerprint(components) -> dict:
     """Configs, weights and tokenizer of a pipeline's parts."""
     parts = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder}
-    return {"dtype": str(next(components.unet.parameters()).dtype),
-            "configs_sha": sha_of({name: model_config(m) for name, m in parts.items()}),
-            "weights_sha": sha_of([weights_checksum(m) for m in parts.values()]),
-            "tokenizer_sha": sha_of([components.tokenizer.model_max_length,
-                                     sorted(components.tokenizer.get_vocab().items())])}
+    out = {"dtype": str(next(components.unet.parameters()).dtype),
+           "configs_sha": sha_of({name: model_config(m) for name, m in parts.items()}),
+           "weights_sha": sha_of([weights_checksum(m) for m in parts.values()]),
+           "tokenizer_sha": sha_of([components.tokenizer.model_max_length,
+                                    sorted(components.tokenizer.get_vocab().items())])}
+    # The same weights read as v sample other images; an ε model's fingerprint (and its caches) stays as it was.
+    prediction = getattr(getattr(components, "scheduler", None), "config", {}).get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        out["prediction_type"] = prediction
+    return out

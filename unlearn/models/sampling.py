@@ -33,6 +33,8 @@ def generate(components, prompts: list[str], seeds: list[int], unet=None, steps:
     sched.set_timesteps(steps)
     lat = lat * sched.init_noise_sigma
     for t in sched.timesteps:
+        # ε or v, as the model predicts: the step reads the scheduler's prediction_type, and guidance combines the
+        # two outputs with weights summing to one, which means the same in either (unlearn/models/prediction.py).
         inp = sched.scale_model_input(torch.cat([lat, lat]), t)
         eps_u, eps_c = unet(inp, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
         lat = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, lat).prev_sample

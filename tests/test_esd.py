@@ -46,6 +46,22 @@ def fit(module, tmp_path, steps: int):
     return trainer
 
 
+def fit_one_step_recording_the_draw(module, tmp_path, monkeypatch):
+    """One training step; returns the trainer and the (c, x_t, t) that step drew."""
+    drawn = []
+    sample = module.sample_latents
+
+    def recording(c, shape):
+        x_t, t = sample(c, shape)
+        drawn.append((c, x_t, t))
+        return x_t, t
+
+    monkeypatch.setattr(module, "sample_latents", recording)
+    trainer = fit(module, tmp_path, steps=1)
+    (draw,) = drawn
+    return trainer, draw
+
+
 @torch.no_grad()
 def perturb_cross_attention(unet, scale: float = 0.2) -> None:
     """Move eps_theta away from eps*, so the loss check is not the special case eps_theta == eps_cond."""
@@ -121,17 +137,7 @@ def test_training_step_logs_the_esd_loss(components, tiny_pipeline_path, tmp_pat
     module = ESD(components, negative_guidance=2.0, sample_steps=3, steps=1)
     perturb_cross_attention(module.unet)
     before = copy.deepcopy(module.unet)  # eps_theta as it was when the loss was computed
-    drawn = []
-    sample = module.sample_latents
-
-    def recording(c, shape):
-        x_t, t = sample(c, shape)
-        drawn.append((c, x_t, t))
-        return x_t, t
-
-    monkeypatch.setattr(module, "sample_latents", recording)
-    trainer = fit(module, tmp_path, steps=1)
-    (c, x_t, t), = drawn
+    trainer, (c, x_t, t) = fit_one_step_recording_the_draw(module, tmp_path, monkeypatch)
     uncond = encode_prompts(components.tokenizer, components.text_encoder, [""])
     frozen = load_components(str(tiny_pipeline_path)).unet.eval()
     expected = numpy_esd_loss(before, frozen, x_t, t, c, uncond, 2.0)
@@ -148,17 +154,7 @@ def test_esd_x_diffusers_step_is_esd_sd_scripts_loss(components, tiny_pipeline_p
     module = ESD(components, **{**options, "sample_steps": 4}, steps=1)
     perturb_cross_attention(module.unet)
     before = copy.deepcopy(module.unet)
-    drawn = []
-    sample = module.sample_latents
-
-    def recording(c, shape):
-        x_t, t = sample(c, shape)
-        drawn.append((c, x_t, t))
-        return x_t, t
-
-    monkeypatch.setattr(module, "sample_latents", recording)
-    trainer = fit(module, tmp_path, steps=1)
-    (c, x_t, t), = drawn
+    trainer, (c, x_t, t) = fit_one_step_recording_the_draw(module, tmp_path, monkeypatch)
     assert module.hparams.sample_with == "original"  # what that means: test_x_t_is_partial_ddim_sampling_...
     assert c.shape[0] == x_t.shape[0] == t.shape[0] == 1  # a batch of one (the data module's is 2 here)
     torch.testing.assert_close(c, encode_prompts(components.tokenizer, components.text_encoder, ["ring"]))

@@ -72,6 +72,7 @@ def run(cfg: DictConfig) -> dict:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from unlearn.evaluation.progress import EvaluateEvery
+    from unlearn.export.delta import base_record, export_run
     from unlearn.models.loading import load_components
     from unlearn.utils.files import write_atomic
     from unlearn.utils.quiet import quiet_third_party
@@ -87,6 +88,8 @@ def run(cfg: DictConfig) -> dict:
         log.info("resuming %s from %s (this session's log: %s)", run_dir, ckpt_path, cfg.paths.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     components = load_components(cfg.model.path, revision=cfg.model.revision, dtype=cfg.model.dtype)
+    # What a delta applies to, taken before the method edits the components in place (unlearn/export/).
+    base = base_record(cfg.model, components) if cfg.get("export", "pipeline") != "pipeline" else None
     closed_form = getattr(get_class(cfg.method._target_), "closed_form", False)  # e.g. UCE: no data, no loop
     datamodule = None if closed_form else \
         instantiate(cfg.data, components=components, concept=cfg.concept, model_cfg=cfg.model)
@@ -117,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
         # torchmetrics does not wait for ranks that have gone to gather its states.
         torch.distributed.destroy_process_group()
     if trainer.is_global_zero:
-        results["pipeline"] = str(module.export(run_dir / "pipeline"))
+        results["pipeline"] = str(export_run(module, run_dir, cfg, base))  # pipeline/ or delta.safetensors
         for name, payload in module.records().items():  # e.g. UCE's edit_texts.json
             write_atomic(run_dir / name, json.dumps(payload, indent=2))
         log.info("saved the unlearned pipeline to %s", results["pipeline"])

@@ -22,6 +22,8 @@ from unlearn.utils.files import write_atomic
 MARKER = "DONE"
 # Keys that say where a run lives or how it is shown, not what it computes: they do not enter the hash.
 UNHASHED = ("paths", "run_name", "logger", "hydra", "resume")
+# Keys added after runs were made, whose default keeps a run's hash (and its resume check) as it was without them.
+DEFAULTED = {"export": "pipeline"}
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -29,7 +31,12 @@ def config_hash(cfg: DictConfig) -> str:
     from unlearn.models.fingerprint import sha_of  # imports torch: not before a bad command line is refused
 
     data = OmegaConf.to_container(cfg, resolve=False)
-    return sha_of({k: v for k, v in data.items() if k not in UNHASHED})
+    return sha_of({k: v for k, v in data.items() if k not in UNHASHED and not is_default(k, v)})
+
+
+def is_default(key: str, value) -> bool:
+    """A DEFAULTED key at its default: left out of the hash and of the resume check's diff."""
+    return key in DEFAULTED and value == DEFAULTED[key]
 
 
 def write_done(run_dir: str | Path, cfg: DictConfig, **extra) -> Path:
@@ -60,6 +67,8 @@ def where_things_are(run_dir: str | Path) -> str:
     rows = [("run folder", f"{shown}/  (resolved config in .hydra/, logs, checkpoints/, DONE)")]
     if (run_dir / "pipeline").is_dir():
         rows.append(("pipeline", f"{shown / 'pipeline'}/  (StableDiffusionPipeline.from_pretrained)"))
+    if (run_dir / "delta.safetensors").is_file():
+        rows.append(("delta", f"{shown / 'delta.safetensors'}  (unlearn.load_pipeline(<base model>, <this file>))"))
     if (run_dir / "eval" / "table.md").exists():
         rows.append(("table", f"{eval_dir / 'table.md'}, table.csv, metrics.json"))
     if (run_dir / "eval" / "i2p_table.md").exists():

@@ -1,13 +1,15 @@
-"""python -m unlearn.evaluate concept=<c> model=<m> [+candidates=[<pipeline folder or hub id>, ...]]
+"""python -m unlearn.evaluate concept=<c> model=<m> [+candidates=[<pipeline folder, run folder or delta>, ...]]
 
-Measures the model config's pipeline (`model.path`, "original") and then each candidate (e.g. the `pipeline/`
-folder of a training run, or several methods' folders side by side) on the concept and its neighbours; FID and
-directional CLIP compare each candidate with the original on the same prompts and seeds. Writes metrics.json,
-table.md/.csv and grids to the run folder and prints the table.
+Measures the model config's pipeline (`model.path`, "original") and then each candidate (the `pipeline/` folder of
+a training run or a Hub id; a run's delta.safetensors, made from `model.path`, or the run folder holding it; or
+several methods' side by side) on the concept and its neighbours; FID and directional CLIP compare each candidate
+with the original on the same prompts and seeds. Writes metrics.json, table.md/.csv and grids to the run folder and
+prints the table.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from unlearn.cli import preflight
+from unlearn.export.load import check_deltas, unet_of
 from unlearn.models.loading import ModelLoadError, load_components
 from unlearn.utils.labels import pipeline_label
 
@@ -27,9 +30,10 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.run_dir) / "eval"
     evaluator = instantiate(cfg.eval, concept=cfg.concept, model_cfg=cfg.model, out_dir=out)
     original = load_components(cfg.model.path, revision=cfg.model.revision, dtype=cfg.model.dtype)
+    check_deltas(cfg.get("candidates"), original)  # a delta of another base model fails now, before any image
     evaluator.measure("original", original)
     for i, path in enumerate(cfg.get("candidates") or []):
-        unet = load_components(path, dtype=cfg.model.dtype).unet
+        unet = unet_of(path, original, dtype=cfg.model.dtype)
         label = pipeline_label(path)
         evaluator.measure(label if label not in evaluator.results else f"{label}#{i}", original, unet=unet)
     loggers = [instantiate(c) for c in cfg.logger] if cfg.logger else []
@@ -44,8 +48,16 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ModelLoadError as e:
+        remove_if_empty(Path(cfg.paths.run_dir))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before measuring anything leaves no folder: only Hydra's config and log were there."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" or p.is_dir() and not any(p.iterdir())
+                                for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir)
 
 
 def main() -> None:

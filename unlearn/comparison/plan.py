@@ -158,6 +158,8 @@ def plan_runs(overrides: list[str]) -> tuple[DictConfig, list[Run]]:
                     run_cfg = compose("train", overrides=[*recipe, f"method={method}", *user, *extra])
                 if cfg.budget is not None:
                     apply_budget(run_cfg, int(cfg.budget))
+                if sequential and stage < len(concepts) and run_cfg.get("export") == "delta":
+                    OmegaConf.update(run_cfg, "export", "both")  # the next stage loads this one's pipeline/
                 runs.append(Run(method, stage, concept, run_dir, run_cfg, seed))
                 previous = (run_dir / "pipeline").resolve()
     check_same_evaluation(runs)

@@ -26,8 +26,7 @@ def stage_concepts(erased: list[str]) -> list[str]:
 
 def evaluate_stages(cfg: DictConfig, runs, concepts: list[str], out: Path) -> dict[int, dict]:
     """{stage: {label: {concept: metrics}}} for the original model and every method after every stage."""
-    from diffusers import UNet2DConditionModel
-
+    from unlearn.export.load import unet_of
     from unlearn.models.loading import load_components
 
     base = load_components(cfg.model.path, revision=cfg.model.revision, dtype=cfg.model.dtype)
@@ -45,7 +44,9 @@ def evaluate_stages(cfg: DictConfig, runs, concepts: list[str], out: Path) -> di
         names = stage_concepts(concepts[:stage])
         table = {"original": {n: evaluator(n).results["original"][n] for n in names}}
         for run in (r for r in runs if r.stage == stage):
-            unet = UNet2DConditionModel.from_pretrained(run.pipeline, subfolder="unet").requires_grad_(False).eval()
+            # Its pipeline/, or its delta on the model the stage started from (the previous stage's pipeline/).
+            unet = unet_of(run.run_dir, base if run.stage == 1 else str(run.cfg.model.path),
+                           dtype=cfg.model.dtype).requires_grad_(False).eval()
             label = f"{run.method}@stage{stage}"
             table[run.method] = {n: evaluator(n).measure(label, base, unet=unet)[n] for n in names}
         tables[stage] = table

@@ -8,6 +8,18 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline TOKENIZERS_PARALLE
 # No Hub: the real model is out of reach (an empty Hugging Face cache and HF_HUB_OFFLINE=1), as on a new machine.
 ROOT=$(mktemp -d); export HF_HOME=$ROOT/hf HF_HUB_OFFLINE=1
 mkdir -p $ROOT/emptyrun  # a run folder without checkpoints
+# A delta made from another base model (its fingerprint is not the toy model's), and a safetensors file that is no
+# delta at all.
+${PYTHON:-.venv/bin/python} - "$ROOT" <<'PY'
+import json, sys, torch
+from safetensors.torch import save_file
+from unlearn.export import FORMAT, FORMAT_VERSION
+fp = {"dtype": "torch.float32", "configs_sha": "0" * 64, "weights_sha": "0" * 64, "tokenizer_sha": "0" * 64}
+meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": "unet", "base": "another/model",
+        "base_revision": "", "base_dtype": "float32", "base_fingerprint": json.dumps(fp)}
+save_file({"conv_in.bias": torch.zeros(32)}, f"{sys.argv[1]}/foreign_delta.safetensors", metadata=meta)
+save_file({"w": torch.zeros(1)}, f"{sys.argv[1]}/weights.safetensors")
+PY
 OUT=${OUT:-bad_inputs.md}
 LIMIT_S=15
 {
@@ -18,6 +30,7 @@ while IFS= read -r line; do
   [ -z "$line" ] && continue
   i=$((i+1)); case=$ROOT/case$i; mkdir -p $case
   module=${line%% *}; args=${line#* }; args=${args//EMPTYRUN/$ROOT/emptyrun}
+  args=${args//FOREIGNDELTA/$ROOT/foreign_delta.safetensors}; args=${args//NOTADELTA/$ROOT/weights.safetensors}
   extra=(paths.root=$case)
   [ "$module" != compare ] && extra+=(hydra.run.dir=$case/run)
   start=$(date +%s.%N)
@@ -60,12 +73,15 @@ train concept=van_goh
 train resume=EMPTYRUN
 train method.lam=[
 train seed=-1
+train export=zip
 prepare data.batch_sise=2
 prepare concept=snoopy
 prepare data.images_per_prompt=0
 evaluate eval.num_promptz=2
 evaluate +candidates=[/nowhere/pipeline]
 evaluate concept=nudity
+evaluate +candidates=[NOTADELTA]
+evaluate +candidates=[FOREIGNDELTA]
 compare methods=[nope]
 compare methods=[uce] method.lamdb=1
 compare concept=van_gogh methods=[uce]

@@ -5,7 +5,6 @@ images bit for bit; on another base it is refused naming both; evaluate, compare
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -186,4 +185,20 @@ def test_sequential_compare_with_export_delta(tiny_pipeline_path, tmp_path):
     assert read_header(stage2 / DELTA_FILE)["base"] == str((stage1 / "pipeline").resolve())
     tables = json.loads((tmp_path / "seq" / "sequential.json").read_text())
     assert "uce" in tables["2"]
-    shutil.rmtree(tmp_path / "cache")
+
+
+def test_compare_side_by_side_with_export_delta_and_the_attack_columns(tiny_pipeline_path, tmp_path):
+    from unlearn.compare import compare
+
+    args = [f"paths.root={tmp_path}", f"paths.cache={tmp_path}/cache", f"model.path={tiny_pipeline_path}",
+            "recipes=none", "eval_every=0", "logger=none", "trainer=cpu", "model.sample_steps=2",
+            "eval.num_prompts=1", "eval.images_per_prompt=2", "eval.implicit=false", "export=delta",
+            "concept=toy_ring", "methods=[uce]", f"out_dir={tmp_path}/cmp", "robustness.enabled=true",
+            "robustness.attack.iterations=1", "robustness.attack.num_timesteps=1", "robustness.attack.num_prompts=2",
+            "robustness.recovery.psi=[0.5]"]
+    compare(args)
+    run = tmp_path / "cmp" / "runs" / "uce"
+    assert (run / DELTA_FILE).is_file() and not (run / "pipeline").exists()
+    rows = (tmp_path / "cmp" / "table.md").read_text().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "uce"]
+    assert rows[1].split("|")[-4].strip() != "–"  # the delta's model was attacked: it has an ASR

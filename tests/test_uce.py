@@ -267,3 +267,14 @@ def test_start_rule_matters_only_where_a_word_is_replaced_mid_prompt(components)
 def test_bad_row_rules_raise_naming_the_value(components, kw, match):
     with pytest.raises(ValueError, match=match):
         UCE(components, "toy_stripes", **kw)
+
+
+@pytest.mark.parametrize("override,line", [("method.start=first", "method.start=first: one of change | last_word"),
+                                           ("method.preserve_tokens=some", "method.preserve_tokens=some: one of"),
+                                           ("method.tokens=all", "method.tokens=all: one of tail | last")])
+def test_row_rules_are_checked_with_the_config(tmp_path, override, line):
+    from unlearn.validate import ConfigError, validate
+
+    for preset in ("uce", "uce_official", "rece"):
+        with pytest.raises(ConfigError, match=line.replace("|", r"\|")):
+            validate(compose_cfg(tmp_path, "experiment=toy_uce", f"method={preset}", override))

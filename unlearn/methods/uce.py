@@ -130,6 +130,19 @@ class UCE(UnlearnModule):
                         "preserve_empty": preserve_empty, "lamb": lamb, "erase_scale": erase_scale,
                         "preserve_scale": preserve_scale}
 
+    @classmethod
+    def validate_config(cls, cfg: dict) -> list:
+        from unlearn.validate import choice, flag
+
+        m, out = cfg["method"], super().validate_config(cfg)
+        for key, allowed in (("erase", ERASE), ("start", STARTS), ("tokens", TOKENS),
+                             ("preserve_tokens", PRESERVE_TOKENS), ("preserve", PRESERVE)):
+            if key in m:
+                out += choice(f"method.{key}", m[key], allowed)
+        if "preserve_empty" in m:
+            out += flag("method.preserve_empty", m["preserve_empty"])
+        return out
+
     # ------------------------------------------------------------------ which texts
     def texts(self) -> tuple[list[tuple[str, str]], list[str]]:
         """(erase pairs (target text, anchor text), preserved texts)."""

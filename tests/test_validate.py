@@ -268,7 +268,7 @@ def test_help_answers_on_every_entry_point(module, group):
     ("prepare", ["data.batch_sise=2"], "data.batch_sise=2: not a setting of UnlearnDataModule; did you mean "),
     ("evaluate", ["eval.num_promptz=2"], "eval.num_promptz=2: not a setting of Evaluator; did you mean eval.num_prompts?"),
     ("compare", ["methods=[uce]", "method.lamdb=1"], "method.lamdb=1: not a setting of"),
-    ("attack", ["attack.kk=3"], "attack.kk=3: not a setting of attack; did you mean attack.k?"),
+    ("attack", ["attack.kk=3"], "attack.kk=3: not a setting of UnlearnDiffAtk; did you mean attack.k?"),
     ("train", ["concept=van_gogh", "method=cdc_cpg"], "concept=van_gogh: needs a real model: add model=sd14"),
 ])
 def test_a_bad_command_line_is_one_line_exit_2_on_every_entry_point(tmp_path, module, args, line):

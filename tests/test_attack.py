@@ -157,6 +157,26 @@ def test_text_is_what_a_user_types_and_need_not_tokenise_back(tiny):
     assert not torch.equal(tokenize(tok, text), prefix.with_tokens(pieces))
 
 
+def test_a_text_prompt_is_checked_on_the_image_a_pipeline_makes_of_it(tiny):
+    """The text readout's image is `generate`'s image of that prompt and seed, and the ids readout's image of the
+    prompt's own ids is the same image: the two readouts differ only where text and ids differ."""
+    from unlearn.attacks.common import Check, sample_ids, sample_text
+    from unlearn.models.sampling import generate
+
+    prompt, seed = "stripes a red ring", 3
+    by_text = sample_text(tiny, tiny.unet, [prompt], [seed], 2, 3.0)
+    torch.testing.assert_close(by_text, generate(tiny, [prompt], [seed], steps=2, guidance_scale=3.0), rtol=0,
+                               atol=1e-6)
+    torch.testing.assert_close(sample_ids(tiny, tiny.unet, tokenize(tiny.tokenizer, prompt), [seed], 2, 3.0),
+                               by_text, rtol=0, atol=0)
+    seen = []
+    check = Check(tiny, lambda images, target, anchor: seen.append((images, target, anchor)) or [True], "t", "a",
+                  seed, 2, 3.0)
+    assert check.text(prompt) and check.calls == 1
+    torch.testing.assert_close(seen[0][0], by_text, rtol=0, atol=0)
+    assert seen[0][1:] == ("t", "a")  # judged against the concept's prompts, not the candidate's words
+
+
 def test_attack_runs_its_budget_and_stops_at_success(tiny):
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     res = attack().run(tiny, tiny, "a red ring", Reference(latent=x0), Recorder())

@@ -246,6 +246,41 @@ def test_cdc_cpg_losses_are_their_eps_form(tmp_path, tiny_sd2_v, method):
     torch.testing.assert_close(got["train/d_loss"], want["d"]["eps"], rtol=1e-5, atol=1e-7)
 
 
+def test_unlearndiffatk_loss_is_its_eps_form(tiny_sd2_v):
+    """The attack's diffusion loss on the erased model: ε-MSE also when the model predicts v."""
+    from unlearn.attacks.base import Reference
+    from unlearn.attacks.unlearndiffatk import UnlearnDiffAtk
+    from unlearn.models.loading import load_components
+
+    class Recording(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet, self.calls = unet, []
+
+        def forward(self, x_t, t, encoder_hidden_states):
+            out = self.unet(x_t, t, encoder_hidden_states=encoder_hidden_states)
+            self.calls.append((x_t.detach(), int(t), out.sample.detach()))
+            return out
+
+    class Never:  # the detector's check: nothing found, so the attack runs its whole (one-step) budget
+        def ids(self, ids):
+            return False
+
+        text = ids
+
+    original = load_components(str(tiny_sd2_v))
+    erased = copy.copy(original)
+    erased.unet = Recording(original.unet)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    attack = UnlearnDiffAtk(k=2, iterations=1, num_timesteps=1, lr=0.1)
+    result = attack.run(original, erased, "a painting of a dog", Reference(latent=x0), Never())
+    ((x_t, t, v),) = erased.unet.calls
+    a = original.scheduler.alphas_cumprod[t]
+    noise = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    want = {"eps": F.mse_loss(a.sqrt() * v + (1 - a).sqrt() * x_t, noise), "raw": F.mse_loss(v, noise)}
+    assert_eps_form(torch.tensor(result.details["losses"][0]), want)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def test_train_export_reload_evaluate_on_a_v_model(tmp_path, tiny_sd2_v):
     """ConAbl and UCE on the tiny v-model: train (data sampled by the v model), export, reload with

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from unlearn.attacks.base import Attack, AttackResult, Reference
 from unlearn.attacks.common import READOUTS, PrefixPrompt, eps, tokenize
+from unlearn.models.prediction import eps_from_prediction, prediction_type_of
 
 # The authors' defaults (configs/*/text_grad_*.json and src/execs/attack.py): k = 5 for nudity, 3 otherwise.
 DEFAULT_K = {"nudity": 5, "style": 3, "instance": 3}
@@ -98,11 +99,12 @@ class UnlearnDiffAtk(Attack):
         return {"k": self.k, "iterations": self.iterations, "num_timesteps": self.num_timesteps, "lr": self.lr,
                 "weight_decay": self.weight_decay, "readout": self.readout}
 
-    def loss(self, unet, hidden: Tensor, x0: Tensor, t: int, noise: Tensor, alphas: Tensor) -> Tensor:
-        """The erased model's epsilon-MSE on the reference latent noised to t."""
+    def loss(self, unet, hidden: Tensor, x0: Tensor, t: int, noise: Tensor, alphas: Tensor,
+             prediction_type: str = "epsilon") -> Tensor:
+        """The erased model's epsilon-MSE on the reference latent noised to t (ε also for a v-prediction model)."""
         a = alphas[t]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return F.mse_loss(eps(unet, x_t, t, hidden.to(x0)), noise)
+        return F.mse_loss(eps_from_prediction(eps(unet, x_t, t, hidden.to(x0)), x_t, a, prediction_type), noise)
 
     def try_tokens(self, prefix: PrefixPrompt, tokens: Tensor, check) -> tuple[bool, dict]:
         """Ask the check about the argmax tokens, by the readout; the text and whether it tokenises back to them."""
@@ -121,13 +123,14 @@ class UnlearnDiffAtk(Attack):
         opt = torch.optim.Adam([theta], lr=self.lr, weight_decay=self.weight_decay)
         sched = original.scheduler
         alphas = sched.alphas_cumprod.to(x0)
+        prediction = prediction_type_of(sched)
         losses, used = [], 0
         for t in timestep_schedule(self.num_timesteps, int(sched.config.num_train_timesteps)):
             total = 0.0
             for _ in range(self.iterations):
                 hidden = prefix.hidden(STESample.apply(theta, gen))
                 noise = torch.randn(x0.shape, generator=gen).to(x0)
-                loss = self.loss(erased.unet, hidden, x0, t, noise, alphas)
+                loss = self.loss(erased.unet, hidden, x0, t, noise, alphas, prediction)
                 opt.zero_grad()
                 theta.grad = torch.autograd.grad(loss, [theta])[0]
                 opt.step()

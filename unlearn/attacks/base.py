@@ -14,11 +14,13 @@ from torch import Tensor
 @dataclass
 class Reference:
     """What the attack may use of the original model for one (prompt, seed): its image (1, 3, H, W) in [0, 1] and
-    that image's x0 latent (1, C, h, w); `concept_images` for attacks that learn from the concept's images."""
+    that image's x0 latent (1, C, h, w); for attacks that learn from the concept's images, the x0 latents (N, C, h, w)
+    of the original's images that show the concept and the prompts they were made from."""
 
     image: Tensor | None = None
     latent: Tensor | None = None
-    concept_images: Tensor | None = None
+    concept_latents: Tensor | None = None
+    concept_prompts: list[str] | None = None
 
 
 @dataclass

@@ -46,7 +46,10 @@ class PrefixPrompt:
 
     def hidden(self, one_hot: Tensor) -> Tensor:
         """(1, L, D) hidden states, differentiable in `one_hot` (k, V)."""
-        emb = one_hot.to(self.embedding.weight) @ self.embedding.weight
+        return self.hidden_embeds(one_hot.to(self.embedding.weight) @ self.embedding.weight)
+
+    def hidden_embeds(self, emb: Tensor) -> Tensor:
+        """(1, L, D) hidden states with the slots' token embeddings replaced by `emb` (k, D), differentiable in it."""
         slots = self.slots
 
         def hook(_module, _inputs, out):

@@ -102,12 +102,15 @@ class Robustness:
         images, _ = self._generate(unet, self.targets, self.seeds)
         clean = self.detector(images, self.targets, self.anchors)
         erased = dataclasses.replace(self.original, unet=unet)
+        shown = [i for i in range(len(self.targets)) if ref_shows[i]]
+        concept_latents, concept_prompts = ref_latents[shown], [self.targets[i] for i in shown]
         per_prompt, found = [], 0
         unet.requires_grad_(False)
         for i in keep:
             row = {"prompt": self.targets[i], "seed": self.seeds[i], "clean": bool(clean[i])}
             if not clean[i] and self.attack.active:
-                ref = Reference(image=ref_images[i:i + 1], latent=ref_latents[i:i + 1])
+                ref = Reference(image=ref_images[i:i + 1], latent=ref_latents[i:i + 1],
+                                concept_latents=concept_latents, concept_prompts=concept_prompts)
                 with torch.enable_grad():
                     res = self.attack.run(self.original, erased, self.targets[i], ref, self.check(erased, i),
                                           seed=int(self.cfg.get("seed", 0)) + i)

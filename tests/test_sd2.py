@@ -281,6 +281,34 @@ def test_unlearndiffatk_loss_is_its_eps_form(tiny_sd2_v):
     assert_eps_form(torch.tensor(result.details["losses"][0]), want)
 
 
+def test_cce_inversion_loss_is_its_eps_form(tiny_sd2_v, monkeypatch):
+    """CCE's textual-inversion loss on the erased model: ε-MSE when the model predicts v, and its learning loop
+    passes the model's own prediction type."""
+    from unlearn.attacks import cce
+    from unlearn.attacks.common import PrefixPrompt
+    from unlearn.models.loading import load_components
+
+    model = load_components(str(tiny_sd2_v))
+    prefix = PrefixPrompt(model.tokenizer, model.text_encoder, "a painting of a dog", 1)
+    hidden = prefix.hidden_embeds(torch.randn(1, 16, generator=torch.Generator().manual_seed(6))).detach()
+    g = torch.Generator().manual_seed(7)
+    x0, noise, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([90, 640])
+    hiddens, alphas = hidden.expand(2, -1, -1), model.scheduler.alphas_cumprod
+    with torch.no_grad():
+        got = cce.inversion_loss(model.unet, hiddens, x0, t, noise, alphas, "v_prediction")
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        e, v = hand_eps(model.unet, x_t, t, hiddens, alphas)
+    assert_eps_form(got, {"eps": F.mse_loss(e, noise), "raw": F.mse_loss(v, noise)})
+
+    used = []
+    real = cce.inversion_loss
+    monkeypatch.setattr(cce, "inversion_loss", lambda *args: used.append(args[-1]) or real(*args))
+    attack = cce.CCE(steps=1, lr=1e-3, batch_size=2)
+    list(attack.learn(model, model, x0, ["a painting of a dog", "a painting"], seed=0, stops=[1]))
+    assert used == ["v_prediction"]
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def test_train_export_reload_evaluate_on_a_v_model(tmp_path, tiny_sd2_v):
     """ConAbl and UCE on the tiny v-model: train (data sampled by the v model), export, reload with

@@ -19,13 +19,16 @@ from torch import Tensor
 
 from unlearn.attacks.base import Attack, AttackResult, Reference
 from unlearn.attacks.common import PrefixPrompt, eps
+from unlearn.models.prediction import eps_from_prediction, prediction_type_of
 
 
-def inversion_loss(unet, hiddens: Tensor, x0: Tensor, t: Tensor, noise: Tensor, alphas: Tensor) -> Tensor:
-    """The diffusion loss of textual inversion: epsilon-MSE of the (erased) UNet on x0 noised to t, (B,) each."""
+def inversion_loss(unet, hiddens: Tensor, x0: Tensor, t: Tensor, noise: Tensor, alphas: Tensor,
+                   prediction_type: str = "epsilon") -> Tensor:
+    """The diffusion loss of textual inversion: epsilon-MSE of the (erased) UNet on x0 noised to t, (B,) each
+    (ε also for a v-prediction model)."""
     a = alphas[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return F.mse_loss(eps(unet, x_t, t, hiddens.to(x0)), noise)
+    return F.mse_loss(eps_from_prediction(eps(unet, x_t, t, hiddens.to(x0)), x_t, a, prediction_type), noise)
 
 
 class CCE(Attack):
@@ -83,7 +86,8 @@ class CCE(Attack):
             t = torch.randint(n_train, (self.batch_size,), generator=gen)
             noise = torch.randn((self.batch_size, *latents.shape[1:]), generator=gen).to(latents)
             hiddens = torch.cat([prefixes[i].hidden_embeds(emb) for i in pick.tolist()])
-            loss = inversion_loss(erased.unet, hiddens, latents[pick], t.to(latents.device), noise, alphas)
+            loss = inversion_loss(erased.unet, hiddens, latents[pick], t.to(latents.device), noise, alphas,
+                                  prediction_type_of(sched))
             opt.zero_grad()
             emb.grad = torch.autograd.grad(loss, [emb])[0]  # the new embedding alone: no model gradient kept
             opt.step()

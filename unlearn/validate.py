@@ -26,7 +26,8 @@ from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Config groups a command line selects by name (`method=distill`); Hydra's own `hydra` group is left to Hydra.
-SELECTABLE_GROUPS = ("model", "concept", "method", "data", "eval", "trainer", "logger", "paths", "experiment")
+SELECTABLE_GROUPS = ("model", "concept", "method", "data", "eval", "trainer", "logger", "paths", "experiment", "speed",
+                     "attack", "recipes")
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,10 @@ def model_problems(cfg: dict) -> list[Problem]:
     out += choice("model.dtype", m.get("dtype", "float32"), DTYPES)
     out += number("model.sample_steps", m.get("sample_steps", 1), 1, integer=True)
     out += number("model.guidance_scale", m.get("guidance_scale", 1.0), 0)
-    out += model_folder_problems(m)
+    folder = model_folder_problems(m)
+    out += folder
+    if not folder:
+        out += prediction_problems(m)
     revision = m.get("revision")
     if revision is not None:
         if not isinstance(revision, str) or not revision.strip():
@@ -320,6 +324,62 @@ def model_folder_problems(m: dict) -> list[Problem]:
     if isinstance(clip, str) and clip and clip != TOY_MODEL and is_local(clip) and not Path(clip).expanduser().is_dir():
         out.append(Problem("model.clip", clip, "toy, a CLIP folder or a Hub id; no folder is there"))
     return out
+
+
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+
+
+def scheduler_prediction(m: dict) -> str | None:
+    """The `prediction_type` the model's scheduler config states (diffusers' default, epsilon, when it states
+    none): read from a local folder, or from the Hugging Face cache for a Hub id; None when it cannot be read now
+    (a Hub id not cached yet, an unreadable file: the loader names those)."""
+    import json
+
+    from unlearn.models.loading import resolve_path
+
+    path = m.get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    if is_local(path):
+        file = Path(resolve_path(path)).expanduser() / SCHEDULER_CONFIG
+    else:
+        import huggingface_hub as hub
+
+        cached = hub.try_to_load_from_cache(path, SCHEDULER_CONFIG, revision=m.get("revision"))
+        file = Path(cached) if isinstance(cached, str) else None
+    try:
+        return json.loads(file.read_text()).get("prediction_type", "epsilon") if file else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def prediction_problems(m: dict) -> list[Problem]:
+    """The model must predict ε or v (the losses see ε either way: unlearn/models/prediction.py), and what the
+    model config expects (`model.prediction_type`, e.g. v_prediction for sd2_v) must be what its scheduler says."""
+    from unlearn.models.prediction import PREDICTION_TYPES
+
+    expected = m.get("prediction_type")
+    if expected is not None and expected not in PREDICTION_TYPES:
+        return choice("model.prediction_type", expected, (None, *PREDICTION_TYPES))
+    found = scheduler_prediction(m)
+    if found is None or found == expected:
+        return []
+    said = f"its scheduler predicts {found} ({SCHEDULER_CONFIG}: prediction_type)"
+    if found not in PREDICTION_TYPES:
+        return [Problem("model.path", m["path"], f"{said}; supported: {' | '.join(PREDICTION_TYPES)}")]
+    if expected is None:
+        return []
+    fitting = [n for n, v in conf_values("model", "prediction_type").items() if v == found]
+    use = f"; use model={' or model='.join(fitting)} for it" if fitting else ""
+    return [Problem("model.path", m["path"], f"{said}, but model={m.get('name')} expects {expected}{use}")]
+
+
+def conf_values(group: str, key: str) -> dict:
+    """{file name: the value its own node sets for `key`} over conf/<group>/*.yaml (inherited values left out)."""
+    from omegaconf import OmegaConf
+
+    return {f.stem: node[key] for f in sorted((CONF_DIR / group).glob("*.yaml"))
+            if key in (node := OmegaConf.to_container(OmegaConf.load(f)))}
 
 
 def speed_problems(cfg: dict) -> list[Problem]:
@@ -367,7 +427,7 @@ def attack_problems(cfg: dict) -> list[Problem]:
     """unlearn.attack's groups: the attack budget, the detector, the recovery grid, the pipelines."""
     out = []
     if isinstance(cfg.get("attack"), dict):
-        from unlearn.attack import check_attack_config
+        from unlearn.attacks import check_attack_config
 
         try:
             check_attack_config(cfg["attack"])
@@ -413,12 +473,14 @@ def message_problem(message: str, group: str) -> Problem:
 
 
 def folder_list_problems(cfg: dict, key: str) -> list[Problem]:
-    """`pipelines=[...]` / `candidates=[...]`: each a pipeline folder that is there (or a Hub id)."""
+    """`pipelines=[...]` / `candidates=[...]`: each a pipeline folder that is there (or a Hub id), a run folder
+    (its pipeline/ or its delta) or a delta file (its header read: unlearn.export)."""
     values = cfg.get(key)
     if values is None:
         return []
     if not isinstance(values, list):
         return [Problem(key, values, f"a list of pipeline folders, e.g. {key}=[outputs/<run>/pipeline]")]
+    from unlearn.export import read_header, resolve_model
     from unlearn.models.loading import ModelLoadError, check_folder
 
     out = []
@@ -428,9 +490,13 @@ def folder_list_problems(cfg: dict, key: str) -> list[Problem]:
             continue
         if is_local(v):
             try:
-                check_folder(v)
+                kind, path = resolve_model(v)
+                if kind == "pipeline":
+                    check_folder(path)
+                else:
+                    read_header(path)
             except ModelLoadError as e:
-                out.append(Problem(key, v, f"each a pipeline folder; {e}"))
+                out.append(Problem(key, v, f"each a pipeline folder, a run folder or a delta file; {e}"))
     return out
 
 
@@ -459,8 +525,8 @@ def world_problems(cfg: dict) -> list[Problem]:
         return []
     name = concept.get("name", "?")
     if need == "real":
-        return [Problem("concept", name, f"needs a real model: add model=sd14 (model={model.get('name')} is the toy "
-                        "world's, whose vocabulary has none of its words)")]
+        return [Problem("concept", name, f"needs a real model: add model=sd14 (or sd2, sd2_v; model="
+                        f"{model.get('name')} is the toy world's, whose vocabulary has none of its words)")]
     return [Problem("concept", name, f"a toy-world concept: add model=toy, or choose a real concept (model="
                     f"{model.get('name')} never saw the toy world's captions)")]
 
@@ -520,6 +586,10 @@ def top_problems(cfg: dict) -> list[Problem]:
     for key in ("prepare", "evaluate"):
         if key in cfg:
             out += flag(key, cfg[key])
+    if "export" in cfg:
+        from unlearn.export import EXPORTS
+
+        out += choice("export", cfg["export"], EXPORTS)
     for key, group in (("methods", "method"), ("concepts", "concept")):  # compare / sequential lists
         values = cfg.get(key)
         if values is None:
@@ -578,12 +648,12 @@ def config_diff(saved: Path, raw_cfg) -> list[str]:
     """Hashed keys (see unlearn.utils.marker) whose values differ between a saved config and `raw_cfg`."""
     from omegaconf import OmegaConf
 
-    from unlearn.utils.marker import UNHASHED
+    from unlearn.utils.marker import UNHASHED, is_default
 
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
-            if prefix == "" and k in UNHASHED:
+            if prefix == "" and (k in UNHASHED or is_default(k, v)):
                 continue
             if isinstance(v, dict):
                 out.update(flat(v, f"{prefix}{k}."))

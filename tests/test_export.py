@@ -202,3 +202,27 @@ def test_compare_side_by_side_with_export_delta_and_the_attack_columns(tiny_pipe
     rows = (tmp_path / "cmp" / "table.md").read_text().splitlines()[2:]
     assert [r.split("|")[1].strip() for r in rows] == ["original", "uce"]
     assert rows[1].split("|")[-4].strip() != "–"  # the delta's model was attacked: it has an ASR
+
+
+def test_attack_takes_a_delta_as_its_pipeline_folder_and_refuses_another_base(runs, tiny_pipeline_path, tmp_path):
+    """python -m unlearn.attack on the UCE run's delta file measures the same as on its pipeline folder."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from unlearn.attack import run
+    from unlearn.export import DeltaError
+
+    def attack(*pipelines, base=tiny_pipeline_path, name="run"):
+        with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+            cfg = compose("attack", overrides=[
+                f"model.path={base}", "model.sample_steps=2", f"paths.root={tmp_path}",
+                f"paths.run_dir={tmp_path}/{name}", "attack.num_prompts=1", "attack.iterations=1",
+                "attack.num_timesteps=1", "attack.filter_references=false", "recovery.enabled=false",
+                "include_original=false", f"pipelines=[{','.join(map(str, pipelines))}]"])
+        return json.loads(json.dumps(run(cfg)["results"], default=str))
+
+    folder, delta = attack(runs["uce"] / "pipeline", runs["uce"] / "delta.safetensors")
+    assert {k: v for k, v in folder.items() if k != "label"} == {k: v for k, v in delta.items() if k != "label"}
+    with pytest.raises(DeltaError):
+        attack(runs["uce"] / "delta.safetensors", base="toy", name="other")

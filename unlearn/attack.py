@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 # Importable from here as before the attacks moved to unlearn/attacks/ (unlearn.validate, unlearn.comparison).
-from unlearn.attacks import check_attack_config  # noqa: F401
 from unlearn.attacks.runner import Robustness
 from unlearn.utils.files import write_atomic
 from unlearn.utils.labels import pipeline_label
@@ -24,12 +23,13 @@ def run(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from unlearn.attacks.runner import format_robustness, found_prompts
-    from unlearn.models.loading import load_components
+    from unlearn.export.load import check_deltas, unet_of
     from unlearn.utils.quiet import quiet_third_party
 
     quiet_third_party()
     c = OmegaConf.to_container(cfg, resolve=True)
     rob = Robustness(cfg.concept, c["attack"], c["model"], c.get("detector"), c.get("recovery"))
+    check_deltas(c.get("pipelines"), rob.original)  # a delta of another base fails before any attack
     rows = []
     if c.get("include_original", True):
         rows.append(rob.run(rob.original.unet, label="original"))
@@ -38,7 +38,7 @@ def run(cfg) -> dict:
         label = pipeline_label(path)
         label = label if label not in labels else f"{label}#{i}"
         labels.add(label)
-        unet = load_components(str(path), dtype=c["model"].get("dtype", "float32")).unet
+        unet = unet_of(path, rob.original, dtype=c["model"].get("dtype", "float32"))  # pipeline, run folder or delta
         rows.append(rob.run(unet, label=label))
     table = format_robustness(rows)
     out = Path(c["paths"]["run_dir"])

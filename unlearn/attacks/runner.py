@@ -166,12 +166,13 @@ class Robustness:
 def attack_success(pipeline_path: str | Path, concept, cfg: Mapping, model_cfg: Mapping,
                    detector_cfg: Mapping | None = None, recovery_cfg: Mapping | None = None,
                    robustness: Robustness | None = None) -> dict:
-    """Clean detection rate and success rate (and CCS/CRS when `recovery_cfg.enabled`) of one pipeline folder, with
-    the settings that produced them. Pass `robustness` to reuse the original model and reference images."""
-    from unlearn.models.loading import load_components
+    """Clean detection rate and success rate (and CCS/CRS when `recovery_cfg.enabled`) of one pipeline folder, run
+    folder or delta, with the settings that produced them. Pass `robustness` to reuse the original model and
+    reference images."""
+    from unlearn.export.load import unet_of
 
     rob = robustness or Robustness(concept, cfg, model_cfg, detector_cfg, recovery_cfg)
-    unet = load_components(str(pipeline_path), dtype=rob.model_cfg.get("dtype", "float32")).unet
+    unet = unet_of(pipeline_path, rob.original, dtype=rob.model_cfg.get("dtype", "float32"))
     return {**rob.run(unet, label=pipeline_label(pipeline_path)), "settings": rob.settings}
 
 

@@ -18,25 +18,25 @@ COLUMNS = {"clean_rate": "clean det. %↓", "asr": "ASR %↓", "ccs": "CCS↓", 
 
 def robustness_columns(cfg, runs, target: str) -> dict[str, dict]:
     """{label: {column: value}} for the original model and every run."""
-    from diffusers import UNet2DConditionModel
-
-    from unlearn.attack import Robustness
+    from unlearn.attacks.runner import Robustness
+    from unlearn.export.load import unet_of
 
     rc = OmegaConf.to_container(cfg.robustness, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     key = sha_of({"rob": rc, "model": model, "concept": target})[:16]
     rob = None
     columns = {}
-    for label, folder, pipeline in [("original", runs[0].run_dir, None)] + \
-            [(r.method, r.run_dir, r.pipeline) for r in runs]:
+    for label, folder, source in [("original", runs[0].run_dir, None)] + \
+            [(r.method, r.run_dir, r.run_dir) for r in runs]:
         cache = folder / f"robustness-{label}-{key}.json"
         if cache.exists():
             row = json.loads(cache.read_text())
         else:
             if rob is None:
                 rob = Robustness(target, rc["attack"], model, rc["detector"], rc["recovery"])
-            unet = rob.original.unet if pipeline is None else \
-                UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").requires_grad_(False).eval()
+            # A run folder: its pipeline/, or its delta applied to the original model (export=delta).
+            unet = rob.original.unet if source is None else \
+                unet_of(source, rob.original, dtype=model.get("dtype", "float32")).requires_grad_(False).eval()
             row = rob.run(unet, label=label)
             row["settings"] = rob.settings
             write_atomic(cache, json.dumps(row, indent=1, default=str))

@@ -1,13 +1,15 @@
 """Training and sampling speed: tables printed to stdout (a script, never a test).
 
     python experiments/bench_train.py                                  # GPU: toy + SD-1.4 architecture, all tables
+    python experiments/bench_train.py --models sd2,sd2_v --sd-latent 96 --tables train   # SD-2.1 architecture, 768 px
     OMP_NUM_THREADS=1 python experiments/bench_train.py --models toy --sd-latent 16 --iters 3   # CPU smoke
 
 Tables:
   train     iterations/s, samples/s, peak memory and MFU per (model, method, setting). MFU = FLOPs of one iteration
             (counted by torch's FlopCounterMode on a real iteration: forward, backward, D and projection included)
             x iterations/s / the device's peak (--peak-tflops, or a known GPU's dense bf16 / fp32 peak).
-            `sd14` is a UNet of SD-1.4's exact architecture (its public config) with random weights: no download.
+            `sd14`, `sd2`, `sd2_v` are UNets of SD-1.4's / SD-2.1's exact architecture (their public configs) with
+            random weights: no download (`sd2_v` predicts v; its losses go through the ε conversion).
   overhead  the same CDC+CPG math (paper variant) as a bare PyTorch loop vs this project's Lightning module,
             side by side on the toy model (best of --rounds alternating rounds of --iters iterations each).
   sampling  images/s of the evaluation generator (unlearn.models.generate) vs StableDiffusionPipeline.__call__,
@@ -40,6 +42,12 @@ SD14_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per
              "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, "norm_num_groups": 32}
 SD14_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
              "max_position_embeddings": 77}
+# SD-2.1's UNet (stabilityai/stable-diffusion-2-1, unet/config.json: linear projections, per-level head dims,
+# 1024-d cross-attention; the 768 px v-model upcasts attention) and its OpenCLIP-H text tower as CLIPTextModel.
+SD2_UNET = {**SD14_UNET, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
+            "use_linear_projection": True}
+SD2_TEXT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+            "max_position_embeddings": 77, "hidden_act": "gelu"}
 # Dense peak TFLOP/s (no sparsity): (bf16 tensor cores, fp32 without TF32).
 PEAK_TFLOPS = {"H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
                "A10": (125.0, 31.2), "V100": (125.0, 15.7), "4090": (165.0, 82.6)}
@@ -56,25 +64,35 @@ METHODS = {  # name -> (class, kwargs): the paper's CDC+CPG with the G step from
 
 
 # ------------------------------------------------------------------------------------------------ models, data
-def sd14_components(latent: int) -> Components:
-    """SD-1.4's UNet and text-encoder shapes, random weights; the toy tokenizer (only "" is ever encoded)."""
+# model -> (UNet config, text config, prediction type, extra UNet keys)
+ARCHITECTURES = {"sd14": (SD14_UNET, SD14_TEXT, "epsilon", {}),
+                 "sd2": (SD2_UNET, SD2_TEXT, "epsilon", {}),
+                 "sd2_v": (SD2_UNET, SD2_TEXT, "v_prediction", {"upcast_attention": True})}
+
+
+def random_components(model: str, latent: int) -> Components:
+    """A real architecture's UNet and text-encoder shapes, random weights; the toy tokenizer (only "" is ever
+    encoded). SD-2's v-model runs through the same ε conversion as a loaded one (its scheduler's prediction_type)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    unet_cfg, text_cfg, prediction, extra = ARCHITECTURES[model]
     toy = load_components("toy")
     tok = toy.tokenizer
-    tok.model_max_length = SD14_TEXT["max_position_embeddings"]
-    unet = UNet2DConditionModel(**{**SD14_UNET, "sample_size": latent})
+    tok.model_max_length = text_cfg["max_position_embeddings"]
+    unet = UNet2DConditionModel(**{**unet_cfg, **extra, "sample_size": latent})
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                                        bos_token_id=tok.bos_token_id, pad_token_id=tok.eos_token_id, **SD14_TEXT))
+                                        bos_token_id=tok.bos_token_id, pad_token_id=tok.eos_token_id, **text_cfg))
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction)
     return Components(unet=unet, vae=None, text_encoder=text.requires_grad_(False), tokenizer=tok, scheduler=sched,
-                      source="random weights, SD-1.4 architecture")
+                      source=f"random weights, {model} architecture")
 
 
 def components_for(model: str, latent: int) -> Components:
-    return load_components("toy") if model == "toy" else sd14_components(latent)
+    if model != "toy" and model not in ARCHITECTURES:
+        raise ValueError(f"unknown --models entry {model!r}; choose from toy, {', '.join(ARCHITECTURES)}")
+    return load_components("toy") if model == "toy" else random_components(model, latent)
 
 
 class RandomBatches(Dataset):
@@ -176,7 +194,7 @@ def train_table(a, device, accelerator):
                              f"{flops / a.batch / 1e9:.2f}", f"{flops * its / 1e12:.4f}", mfu, f"{n_it / its:.0f}"))
     head = ("model", "method", "setting", "it/s", "samples/s", "peak memory", "GFLOP/sample/it", "TFLOP/s", "MFU",
             f"s per 1,000 it x {a.batch}")
-    print_table(f"train (batch {a.batch}, {a.iters} timed iterations after {a.warmup}; sd14 latent "
+    print_table(f"train (batch {a.batch}, {a.iters} timed iterations after {a.warmup}; sd* latent "
                 f"{a.sd_latent}x{a.sd_latent})", head, rows)
 
 
@@ -318,7 +336,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (torch.compile compiles here)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--sd-latent", type=int, default=64, help="SD-1.4 latent side: 64 = 512 px")
+    p.add_argument("--sd-latent", type=int, default=64, help="latent side of the sd* models: 64 = 512 px (sd2_v: 96 = 768)")
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU on unknown devices")

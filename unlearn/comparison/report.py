@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from unlearn.comparison.intervals import neighbour_mean_ca
 from unlearn.evaluation.table import table_rows
 from unlearn.utils.files import save_figure, write_atomic, write_csv_atomic
 from unlearn.utils.grid import save_grid
@@ -124,8 +125,7 @@ def tradeoff_points(run, payload: dict) -> list[tuple[int, float, float]]:
             it = int(label.rsplit("@", 1)[1])
         else:
             continue
-        neighbours = [v["ca"] for c, v in per.items() if c not in (target, "implicit") and "ca" in v]
-        pts.append((it, per[target]["ca"], sum(neighbours) / len(neighbours) if neighbours else float("nan")))
+        pts.append((it, per[target]["ca"], neighbour_mean_ca(per, target)))
     return sorted(pts)
 
 

@@ -1,4 +1,5 @@
 """RECE: the adversarial embedding's closed form against a stacked least-squares solve, what the rounds change,
+rece_official against the released object script's rules computed here,
 the config, and the edit on the toy world."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from toy_helpers import compose_train as compose_cfg
 
-from unlearn.methods.rece import RECE, adversarial_embedding_map
+from unlearn.methods.rece import RECE, adversarial_embedding_map, tensor_target
 from unlearn.methods.uce import UCE
 from unlearn.models import load_components
 
@@ -135,3 +136,89 @@ def test_bad_option_is_caught_before_any_model_loads(tmp_path):
 
     found = problems(compose_cfg(tmp_path, "method=rece", "method.epochs=-1"))
     assert [p.key for p in found] == ["method"] and "epochs must be an integer >= 0" in str(found[0])
+
+
+# ------------------------------------------------------------------------------------------------ released rules
+def lstsq_edit(w, ci, vi, cj, lamb, se, sp):
+    """UCE's objective lam||X-W||^2 + se sum||X c_i - v_i||^2 + sp sum||X c_j - W c_j||^2 as one stacked
+    least-squares problem on the rows of X^T (NumPy)."""
+    w, ci, vi, cj = (x.numpy() for x in (w, ci, vi, cj))
+    a = np.concatenate([np.sqrt(lamb) * np.eye(w.shape[1]), np.sqrt(se) * ci, np.sqrt(sp) * cj])
+    b = np.concatenate([np.sqrt(lamb) * w.T, np.sqrt(se) * vi, np.sqrt(sp) * cj @ w.T])
+    return torch.from_numpy(np.linalg.lstsq(a, b, rcond=None)[0].T)
+
+
+def encode(components, text):
+    tok = components.tokenizer
+    batch = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return int(batch.attention_mask.sum()), components.text_encoder(batch.input_ids)[0][0].double()
+
+
+def test_rece_official_edits_the_weights_the_released_object_script_gives(tmp_path, components):
+    """The UCE checkpoint by train_erase.py's rule, then train_object.py's round, each solved here by least squares."""
+    m = OmegaConf.to_container(compose_cfg(tmp_path, "method=rece_official", "concept=toy_ring"),
+                               resolve=True)["method"]
+    m.pop("_target_")
+    rece = RECE(components, **m)
+    names = list(rece.edited_modules())
+    w0 = {n: mod.weight.detach().double().clone() for n, mod in rece.edited_modules().items()}
+    # UCE round: "ring" -> " " from each text's last word (attention_mask.sum() - 2), cut to the shorter tail;
+    # every row of "" kept; lamb 0.5, s_e 1, s_p = max(0.1, 1/len([""])) = 1.
+    (n_old, old), (n_new, new), (_, empty) = (encode(components, t) for t in ("ring", " ", ""))
+    fo, fn = n_old - 2, max(n_new - 2, 0)
+    far, length = max(fo, fn), old.shape[0]
+    ci, cg = old[fo:length - (far - fo)], new[fn:length - (far - fn)]
+    w1 = {n: lstsq_edit(w, ci, cg @ w.T, empty, 0.5, 1.0, 1.0) for n, w in w0.items()}
+    # The adversarial round: e' for every row of "ring" against the original weights, sent to W1 " " (every row).
+    adv = old @ torch.from_numpy(stacked_lstsq([w1[n] for n in names], [w0[n] for n in names], 1e-3)).T
+    want = {n: lstsq_edit(w, adv, new @ w.T, empty, 0.1, 1.0, 0.1) for n, w in w1.items()}
+    rece.edit()
+    for name, module in rece.edited_modules().items():
+        np.testing.assert_allclose(module.weight.detach().double().numpy(), want[name].numpy(), rtol=1e-4, atol=1e-5)
+    texts = rece.records()["edit_texts.json"]
+    assert (texts["erase"], texts["guide"], texts["preserve"]) == (["ring"], [" "], [""])
+    assert (texts["rule"]["adv_rows"], texts["rule"]["technique"]) == ("all", "replace")
+
+
+def test_tensor_target_removes_the_erased_direction_per_text():
+    g = torch.Generator().manual_seed(3)
+    erase_out, guide_out = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    got = tensor_target(erase_out, guide_out, group=3)
+    for rows in (slice(0, 3), slice(3, 6)):  # one erased text = 3 rows, projected as one flattened vector
+        u = erase_out[rows].flatten() / erase_out[rows].flatten().norm()
+        v = guide_out[rows].flatten()
+        np.testing.assert_allclose(got[rows].flatten().numpy(), (v - (v @ u) * u).numpy(), atol=1e-12)
+    assert abs(float((got[:3] * erase_out[:3]).sum())) < 1e-10  # orthogonal to what it erases
+
+
+def test_rece_defaults_keep_ours_and_tensor_changes_the_edit(tiny_pipeline_path):
+    edits = {}
+    for technique in ("replace", "tensor"):
+        comp = load_components(str(tiny_pipeline_path))
+        RECE(comp, "toy_stripes", erase="prompts", technique=technique).edit()
+        edits[technique] = kv_weights(comp)
+    assert any(not torch.allclose(edits["replace"][k], edits["tensor"][k]) for k in edits["replace"])
+
+
+@pytest.mark.parametrize("override,line", [
+    ("method.adv_rows=some", "method.adv_rows=some: one of uce | all"),
+    ("method.technique=project", "method.technique=project: one of replace | tensor"),
+    ("method.guide=[1]", r"method.guide=\[1\]: a text, or null"),
+    ("method.preserve_texts=plain", "method.preserve_texts=plain: a list of texts, or null")])
+def test_new_switches_are_checked_with_the_config_in_one_line(tmp_path, override, line):
+    from unlearn.validate import ConfigError, validate
+
+    for preset in ("rece", "rece_official"):
+        with pytest.raises(ConfigError, match=line.replace("|", r"\|")) as err:
+            validate(compose_cfg(tmp_path, "experiment=toy_uce", f"method={preset}", override))
+        assert len(str(err.value).splitlines()) == 1, str(err.value)
+
+
+def test_rece_official_config_is_the_released_object_script(tmp_path):
+    m = OmegaConf.to_container(compose_cfg(tmp_path, "method=rece_official", "concept=toy_stripes"),
+                               resolve=True)["method"]
+    assert (m["erase"], m["guide"], m["preserve_texts"], m["adv_rows"], m["technique"]) == \
+        ("words", " ", [""], "all", "replace")
+    assert (m["lamb"], m["preserve_scale"], m["adv_lamb"], m["adv_preserve_scale"], m["reg"], m["epochs"]) == \
+        (0.5, 1.0, 0.1, 0.1, 1e-3, 1)

@@ -18,7 +18,8 @@ from unlearn.data.concepts import known_concepts
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # Keys of conf/compare.yaml that are not training settings: never passed on to the runs.
-COMPARE_KEYS = ("methods", "concepts", "seeds", "budget", "recipes", "out_dir", "robustness", "kept")
+COMPARE_KEYS = ("methods", "concepts", "seeds", "budget", "recipes", "out_dir", "robustness", "kept",
+                "threads_per_job")
 
 
 class CompareError(ValueError):
@@ -58,6 +59,12 @@ def known_methods() -> list[str]:
 def compose_compare(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("compare", overrides=with_root(overrides))
+
+
+def compose_hydra(overrides: list[str]) -> DictConfig:
+    """The comparison's config with its `hydra` node (the launcher's settings)."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("compare", overrides=with_root(overrides), return_hydra_config=True)
 
 
 def with_root(overrides: list[str]) -> list[str]:

@@ -54,17 +54,37 @@ def seed_results(runs, metrics: dict[str, dict]) -> dict:
     return {"per_seed": per_seed, "mean": means, "half_width": widths, "separations": pairs}
 
 
+def failed_lines(failed: list[dict]) -> str:
+    """One line per failed run: which run, the error's last line, its job's log."""
+    return "\n".join(f"- {f['method']}" + (f" seed {f['seed']}" if f["seed"] is not None else "") +
+                      f" on {f['concept']}: {f['error']} (log: {f['log']})" for f in failed)
+
+
+def mark_failed(budgets: dict, failed: list[dict], finished) -> tuple[dict, list[str]]:
+    """The iterations cell of a method that lost some seeds names them; a method with no finished run at all is
+    a row of its own that reads 'failed'."""
+    budgets = dict(budgets)
+    alive = {r.method for r in finished}
+    for method in dict.fromkeys(f["method"] for f in failed):
+        if method in alive:
+            seeds = [str(f["seed"]) for f in failed if f["method"] == method]
+            budgets[method] = f"{budgets[method]} (failed: seed {', '.join(seeds)})"
+    return budgets, [m for m in dict.fromkeys(f["method"] for f in failed) if m not in alive]
+
+
 def write_table(results: dict, target: str, budgets: dict[str, str], out: Path, extra: dict | None = None,
-                half_widths: dict | None = None, note: str = "") -> str:
+                half_widths: dict | None = None, note: str = "", failed: list[str] | None = None) -> str:
     """The first seed's layout: rows = models, columns = target then neighbours x CS/CA/FID/dCLIP (with the
     better direction), plus the iterations each method ran and any extra columns (e.g. the attack's). With
-    `half_widths` (label -> concept -> metric), a cell reads "mean ± half-width"; `note` is written below."""
+    `half_widths` (label -> concept -> metric), a cell reads "mean ± half-width"; `note` is written below;
+    each of `failed` (methods with no finished run) is a row that reads "failed", its cells "–"."""
     header, rows = table_rows(results, target, half_widths)
     extra = extra or {}
     extra_cols = list(dict.fromkeys(k for v in extra.values() for k in v))
     header = [header[0], "iterations", *header[1:], *extra_cols]
     rows = [[r[0], budgets.get(r[0], "–"), *r[1:], *[_fmt(extra.get(r[0], {}).get(c)) for c in extra_cols]]
             for r in rows]
+    rows += [[m, "failed", *["–"] * (len(header) - 2)] for m in failed or []]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)

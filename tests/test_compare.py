@@ -107,8 +107,9 @@ def test_compare_writes_table_grids_plot_and_reuses_runs(tmp_path, tiny_pipeline
               "robustness.attack.num_prompts=2", "robustness.recovery.psi=[0.5]"]
     compare([*args, *attack])
     header, _, *rows = (out / "table.md").read_text().splitlines()
-    assert header.split("|")[-5:-1] == [" clean det. %↓ ", " ASR %↓ ", " CCS↓ ", " CRS↓ "]
-    assert all(r.split("|")[-4].strip() != "–" for r in rows)  # every model has an ASR
+    assert header.split("|")[-7:-1] == [" clean det. %↓ ", " ASR % (UnlearnDiffAtk)↓ ", " iterations (UnlearnDiffAtk) ",
+                                        " random prefix det. % (UnlearnDiffAtk) ", " CCS↓ ", " CRS↓ "]
+    assert all(r.split("|")[-6].strip() != "–" for r in rows)  # every model has an ASR
     cached = sorted(p.name.split("-")[1] for p in out.glob("runs/*/robustness-*.json"))
     assert cached == ["cdc_cpg", "distill", "original"]
     changed = compare([*args[:-1], "+recipes.cdc_cpg=['method.lam=0.5']"])

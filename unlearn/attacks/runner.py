@@ -1,8 +1,9 @@
-"""One concept's robustness measures for one model after another: the clean detection rate, an attack's success
-rate with its random-prefix control, and CCS / CRS (partial-diffusion recovery).
+"""One concept's robustness measures for one model after another: the clean detection rate, each attack's success
+rate with its control (random tokens, no optimisation), and CCS / CRS (partial-diffusion recovery).
 
-As in UnlearnDiffAtk's data sets, only prompts whose reference image (original model) shows the concept are
-attacked (`attack.filter_references`); every number is written with the detector's and the attack's settings.
+Several attacks share one prompt set: the first attack's runner keys (`RUNNER_KEYS`) choose it for all of them. As in
+UnlearnDiffAtk's data sets, only prompts whose reference image (original model) shows the concept are attacked
+(`attack.filter_references`); every number is written with the detector's and the attacks' settings.
 """
 
 from __future__ import annotations
@@ -15,12 +16,39 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from unlearn.attacks import build_attack, check_attack_config
+from unlearn.attacks import RUNNER_KEYS, build_attack, check_attack_config
 from unlearn.attacks.base import Reference
 from unlearn.attacks.common import Check, PrefixPrompt, random_tokens, sample_ids, sample_text
 from unlearn.utils.labels import pipeline_label
 
 log = logging.getLogger("unlearn.attack")
+
+
+ATTACK_DIR = Path(__file__).resolve().parents[2] / "conf" / "attack"
+
+
+def attack_config(name: str) -> dict:
+    """conf/attack/<name>.yaml as a dict, its defaults (sibling files, `_self_`) merged in order: how a list of
+    attack names (`attacks=[...]`) becomes configs inside a run, where Hydra has already composed."""
+    from omegaconf import OmegaConf
+
+    path = ATTACK_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        known = sorted(p.stem for p in ATTACK_DIR.glob("*.yaml"))
+        raise ValueError(f"attacks: {name!r} is no attack config; one of {' | '.join(known)}")
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    defaults = raw.pop("defaults", None) or ["_self_"]
+    out: dict = {}
+    for d in defaults if "_self_" in defaults else [*defaults, "_self_"]:
+        out.update(raw if d == "_self_" else attack_config(d))
+    return out
+
+
+def attack_configs(first: dict, names: list[str] | None) -> list[dict]:
+    """The `attack` node, then every attack named in `attacks`, each from its own file."""
+    if names is not None and not isinstance(names, (list, tuple)):
+        raise ValueError(f"attacks={names!r} must be a list of conf/attack/ names or null")
+    return [first, *(attack_config(n) for n in names or [])]
 
 
 def _jobs(concept, n: int, seed0: int) -> tuple[list[str], list[str], list[int]]:
@@ -39,8 +67,15 @@ class Robustness:
         from unlearn.metrics.detectors import make_detector
 
         self.concept = load_concept(concept)
-        self.cfg = check_attack_config(attack_cfg, self.concept.kind)
-        self.attack = build_attack(self.cfg)
+        cfgs = [attack_cfg] if isinstance(attack_cfg, Mapping) else list(attack_cfg)
+        if not cfgs:
+            raise ValueError("attacks=[]: name at least one attack (conf/attack/)")
+        runner = {k: cfgs[0][k] for k in RUNNER_KEYS if k in cfgs[0]}  # one prompt set for every attack
+        self.cfgs = [check_attack_config({**c, **runner}, self.concept.kind) for c in cfgs]
+        self.cfg = self.cfgs[0]
+        self.attacks = [build_attack(c) for c in self.cfgs]
+        self.attack = self.attacks[0]
+        self.names = _unique([a.name for a in self.attacks])
         self.model_cfg = dict(model_cfg)
         self.recovery = dict(recovery_cfg or {"enabled": False})
         if self.recovery.get("enabled", False):
@@ -59,6 +94,9 @@ class Robustness:
             original = load_components(self.model_cfg["path"], revision=self.model_cfg.get("revision"),
                                        dtype=self.model_cfg.get("dtype", "float32"))
         self.original = original
+        for a in self.attacks:  # attacks that learn from the original and the concept alone (Ring-A-Bell's vector)
+            if hasattr(a, "prepare"):
+                a.prepare(original, self.concept)
         self.anchors, self.targets, self.seeds = _jobs(self.concept, self.cfg["num_prompts"],
                                                        int(self.cfg.get("seed", 100_000)))
         self._reference = None
@@ -73,7 +111,8 @@ class Robustness:
 
     @property
     def settings(self) -> dict:
-        return {"attack": {**self.cfg, "name": self.attack.name}, "detector": self.detector.settings,
+        return {"attack": {**self.cfg, "name": self.attack.name},
+                "attacks": [{**c, "name": n} for c, n in zip(self.cfgs, self.names)], "detector": self.detector.settings,
                 "recovery": self.recovery, "sample_steps": self.model_cfg["sample_steps"],
                 "guidance_scale": self.model_cfg["guidance_scale"], "concept": self.concept.name,
                 "prompts": len(self.targets)}
@@ -104,44 +143,58 @@ class Robustness:
         erased = dataclasses.replace(self.original, unet=unet)
         shown = [i for i in range(len(self.targets)) if ref_shows[i]]
         concept_latents, concept_prompts = ref_latents[shown], [self.targets[i] for i in shown]
-        per_prompt, found = [], 0
+        per_prompt = [{"prompt": self.targets[i], "seed": self.seeds[i], "clean": bool(clean[i])} for i in keep]
         unet.requires_grad_(False)
-        for i in keep:
-            row = {"prompt": self.targets[i], "seed": self.seeds[i], "clean": bool(clean[i])}
-            if not clean[i] and self.attack.active:
+        n = max(len(keep), 1)
+        n_clean = sum(int(clean[i]) for i in keep)
+        columns = []
+        for attack, name in zip(self.attacks, self.names):
+            found, used = 0, []
+            for row, i in zip(per_prompt, keep):
+                if clean[i] or not attack.active:
+                    continue
                 ref = Reference(image=ref_images[i:i + 1], latent=ref_latents[i:i + 1],
                                 concept_latents=concept_latents, concept_prompts=concept_prompts)
                 with torch.enable_grad():
-                    res = self.attack.run(self.original, erased, self.targets[i], ref, self.check(erased, i),
-                                          seed=int(self.cfg.get("seed", 0)) + i)
-                row.update(attack=res.to_dict())
+                    res = attack.run(self.original, erased, self.targets[i], ref, self.check(erased, i),
+                                     seed=int(self.cfg.get("seed", 0)) + i)
+                row.setdefault("attacks", {})[name] = res.to_dict()
                 found += res.success
-            per_prompt.append(row)
-        n = max(len(keep), 1)
-        n_clean = sum(int(clean[i]) for i in keep)
-        out = {"label": label, "attack": self.attack.name, "prompts_attacked": len(keep), "prompts": len(self.targets),
+                used.append(res.iterations)
+            columns.append({"attack": name, "asr": 100.0 * (n_clean + found) / n, "found_by_attack": found,
+                            "iterations": sum(used) / len(used) if used else None,
+                            "control": _control_name(attack), "control_rate": self.random_prefix_rate(unet, keep, attack)})
+        for row in per_prompt:  # the first attack's result also as `attack` (one-attack readers, the jsonl)
+            if self.names[0] in row.get("attacks", {}):
+                row["attack"] = row["attacks"][self.names[0]]
+        first = columns[0]
+        out = {"label": label, "attack": first["attack"], "prompts_attacked": len(keep), "prompts": len(self.targets),
                "reference_rate": 100.0 * float(ref_shows.float().mean()),
-               "clean_rate": 100.0 * n_clean / n, "asr": 100.0 * (n_clean + found) / n,
-               "found_by_attack": found, "random_prefix_rate": self.random_prefix_rate(unet, keep),
-               "per_prompt": per_prompt}
+               "clean_rate": 100.0 * n_clean / n, "asr": first["asr"], "found_by_attack": first["found_by_attack"],
+               "random_prefix_rate": first["control_rate"], "attacks": columns, "per_prompt": per_prompt}
         if self.recovery.get("enabled", False):
             out.update(self.recover(unet, images))
-        log.info("%s: clean %.1f %%, ASR %.1f %%", label, out["clean_rate"], out["asr"])
+        log.info("%s: clean %.1f %%, %s", label, out["clean_rate"],
+                 ", ".join(f"ASR {c['attack']} {c['asr']:.1f} %" for c in columns))
         return out
 
     @torch.no_grad()
-    def random_prefix_rate(self, unet, keep: list[int]) -> float | None:
-        """Control: detection rate with k random (non-special) prefix tokens and no optimisation - how much of the
-        success rate the optimisation itself earns. Tried by the attack's readout (ids, or their text)."""
-        if not keep or not self.attack.active or not self.attack.k:
+    def random_prefix_rate(self, unet, keep: list[int], attack=None) -> float | None:
+        """Control: detection rate with k random (non-special) tokens and no optimisation - how much of the
+        success rate the optimisation itself earns. The tokens prefix the prompt, or stand alone for an attack that
+        searches whole prompts (`control_keeps_prompt = False`: Ring-A-Bell); tried by the attack's readout."""
+        attack = attack or self.attack
+        if not keep or not attack.active or not attack.k:
             return None
         tok = self.original.tokenizer
         gen = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)))
-        prefixes = [PrefixPrompt(tok, self.original.text_encoder, self.targets[i], self.attack.k) for i in keep]
-        tokens = [random_tokens(tok, self.attack.k, gen) for _ in keep]
+        with_prompt = getattr(attack, "control_keeps_prompt", True)
+        prefixes = [PrefixPrompt(tok, self.original.text_encoder, self.targets[i] if with_prompt else "", attack.k)
+                    for i in keep]
+        tokens = [random_tokens(tok, attack.k, gen) for _ in keep]
         seeds = [self.seeds[i] for i in keep]
         steps, guidance = self.model_cfg["sample_steps"], self.model_cfg["guidance_scale"]
-        if self.attack.readout == "ids":
+        if attack.readout == "ids":
             ids = torch.cat([p.with_tokens(t) for p, t in zip(prefixes, tokens)])
             images = sample_ids(self.original, unet, ids, seeds, steps, guidance)
         else:
@@ -176,31 +229,62 @@ def attack_success(pipeline_path: str | Path, concept, cfg: Mapping, model_cfg: 
     return {**rob.run(unet, label=pipeline_label(pipeline_path)), "settings": rob.settings}
 
 
+def _unique(names: list[str]) -> list[str]:
+    """Column names: an attack named twice (two budgets of one attack) gets #2, #3, ..."""
+    out = []
+    for name in names:
+        out.append(name if name not in out else f"{name}#{sum(o.split('#')[0] == name for o in out) + 1}")
+    return out
+
+
+def _control_name(attack) -> str | None:
+    if not attack.k:
+        return None
+    return "random prefix" if getattr(attack, "control_keeps_prompt", True) else "random tokens"
+
+
+def attack_columns(row: dict) -> list[dict]:
+    """A row's per-attack results (a row written before several attacks: its one attack)."""
+    if "attacks" in row:
+        return row["attacks"]
+    return [{"attack": row.get("attack", "attack"), "asr": row["asr"], "found_by_attack": row["found_by_attack"],
+             "iterations": None, "control": "random prefix", "control_rate": row.get("random_prefix_rate")}]
+
+
 def format_robustness(rows: list[dict]) -> str:
+    """One row per model; per attack its success rate, prompts found, mean iterations and its control."""
     def f(v):
         return "—" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
 
-    name = rows[0].get("attack", "attack") if rows else "attack"
-    head = ["model", "reference det. %", "clean det. %", "random-prefix det. %", f"ASR % ({name})",
-            "found by attack", "CCS", "CRS"]
+    groups = [(c["attack"], c.get("control")) for c in attack_columns(rows[0])] if rows else []
+    head = ["model", "reference det. %", "clean det. %"]
+    for name, control in groups:
+        head += [f"ASR % ({name})", f"found ({name})", f"iterations ({name})",
+                 f"{control or 'control'} det. % ({name})"]
+    head += ["CCS", "CRS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         crs = "—" if r.get("crs") is None else f"{r['crs']:.4f}"
-        cells = [r["label"], f(r["reference_rate"]), f(r["clean_rate"]), f(r.get("random_prefix_rate")),
-                 f(r["asr"]), f"{r['found_by_attack']}/{r['prompts_attacked']}", f(r.get("ccs")), crs]
+        cells = [r["label"], f(r["reference_rate"]), f(r["clean_rate"])]
+        by_name = {c["attack"]: c for c in attack_columns(r)}
+        for name, _ in groups:
+            c = by_name.get(name, {})
+            cells += [f(c.get("asr")), f"{c.get('found_by_attack', '—')}/{r['prompts_attacked']}",
+                      f(c.get("iterations")), f(c.get("control_rate"))]
+        cells += [f(r.get("ccs")), crs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def found_prompts(rows: list[dict]) -> list[dict]:
-    """Every attacked prompt of every model, with the prompt the attack found as text (one JSON object a line in
-    `adversarial_prompts.jsonl`, to paste into a pipeline)."""
+    """Every attacked prompt of every model and attack, with the prompt the attack found as text (one JSON object
+    a line in `adversarial_prompts.jsonl`, to paste into a pipeline; null for an embedding)."""
     out = []
     for r in rows:
         for p in r["per_prompt"]:
-            if "attack" in p:
-                a = p["attack"]
-                out.append({"model": r["label"], "attack": r.get("attack"), "prompt": p["prompt"], "seed": p["seed"],
+            results = p.get("attacks") or ({r.get("attack"): p["attack"]} if "attack" in p else {})
+            for name, a in results.items():
+                out.append({"model": r["label"], "attack": name, "prompt": p["prompt"], "seed": p["seed"],
                             "success": a["success"], "adversarial_prompt": a["prompt"],
                             "readout": a.get("readout"), "iterations": a["iterations"]})
     return out

@@ -91,6 +91,11 @@ attack attack.k=0
 attack detector.threshold=1.5
 attack pipelines=[/nowhere/pipeline]
 attack concept=van_gogh
+attack attack=ring_a_bel
+attack attack=ring_a_bell attack.eta=0
+attack attack=ring_a_bell_toy attack.eta=-1
+attack attack=ring_a_bell attack.population=1
+attack attack=[toy,ring_a_bel]
 LIST
 echo
 echo "$i command lines; $bad not failing in < ${LIMIT_S} s with exit code 2, one line and nothing left."

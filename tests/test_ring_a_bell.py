@@ -192,3 +192,27 @@ def test_on_an_erased_toy_model_the_search_beats_random_tokens(uce_stripes):
     same = rob.run(original.unet, "original")  # nothing erased: the attack adds nothing to the clean rate
     assert same["asr"] == same["clean_rate"]
 
+
+
+def test_the_control_is_random_tokens_alone_for_ring_a_bell_and_a_prefix_for_unlearndiffatk(tiny_pipeline_path,
+                                                                                            monkeypatch):
+    from unlearn.attacks import runner
+    from unlearn.attacks.runner import Robustness
+    from unlearn.models import load_components
+
+    tiny = load_components(str(tiny_pipeline_path))
+    model = {"path": None, "clip": "toy", "sample_steps": 2, "guidance_scale": 3.0, "dtype": "float32"}
+    asked = []
+
+    def fake_sample_text(components, unet, prompts, seeds, steps, guidance_scale):
+        asked.append(list(prompts))
+        return torch.zeros(len(prompts), 3, 32, 32)
+
+    monkeypatch.setattr(runner, "sample_text", fake_sample_text)
+    udiff = {**attack_config("toy"), "num_prompts": 2, "filter_references": False}
+    rob = Robustness("toy_stripes", [udiff, {**RAB, "readout": "text"}], model, original=tiny)
+    for attack in rob.attacks:
+        rob.random_prefix_rate(tiny.unet, [0, 1], attack)
+    prefixed, alone = asked
+    assert all(p.endswith(t) for p, t in zip(prefixed, rob.targets))
+    assert not any("stripes" in p for p in alone) and all(p for p in alone)

@@ -8,6 +8,9 @@ first seed's layout, grid_<concept>.png (rows: models; columns: the same prompts
 (target CA against the neighbours' mean CA at every `eval_every` point). With `concepts=[...]` each method erases
 them one after another, every stage starting from the previous stage's pipeline, and sequential.md holds one block
 per stage. Every request is checked before any model is loaded.
+
+With `hydra/launcher=submitit_local|slurm` every run not finished yet is its own job (unlearn/comparison/launch.py);
+compare waits for them, then writes the same report; a run whose job failed is named in it, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -21,25 +24,35 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from unlearn.comparison.intervals import format_separations
+from unlearn.comparison.launch import launch_runs, launcher_choice, status_key
 from unlearn.comparison.plan import CompareError, out_dir, plan_runs
 from unlearn.comparison.report import (
     by_method,
+    failed_lines,
     final_results,
     iterations,
+    mark_failed,
     seed_results,
     write_grids,
     write_table,
     write_tradeoff_plot,
 )
 from unlearn.evaluation.kept import KeptBounds, kept_column
-from unlearn.utils.files import write_atomic
+from unlearn.utils.files import file_lock, lock_path, write_atomic
 from unlearn.utils.marker import is_done, read_done
 
 log = logging.getLogger("unlearn.compare")
 
 
 def train_or_reuse(run) -> str:
-    """'reused' when the run folder already holds this exact config's finished run, else trains it."""
+    """'reused' when the run folder already holds this exact config's finished run, else trains it — holding the
+    folder's lock, so that a job of another invocation never writes the same folder at once (it waits, then
+    finds the run finished)."""
+    with file_lock(lock_path(run.run_dir), f"run {run.run_dir}"):
+        return _train_or_reuse(run)
+
+
+def _train_or_reuse(run) -> str:
     from unlearn.train import run as train_run
 
     if is_done(run.run_dir, run.cfg):
@@ -69,22 +82,31 @@ def compare(overrides: list[str]) -> dict:
     concepts = list(dict.fromkeys(r.concept for r in runs))
     out = out_dir(cfg, concepts)
     out.mkdir(parents=True, exist_ok=True)
-    status = {}
-    for run in runs:
-        log.info("%s stage %d (%s): %s", run.method, run.stage, run.concept, run.run_dir)
-        status[run.key if run.seed is not None else f"{run.method}/{run.stage}"] = train_or_reuse(run)
+    status, failed, jobs = {}, [], None
+    if launcher_choice(overrides) is None:  # in this process, one run after another
+        for run in runs:
+            log.info("%s stage %d (%s): %s", run.method, run.stage, run.concept, run.run_dir)
+            status[status_key(run)] = train_or_reuse(run)
+    else:
+        outcome = launch_runs(cfg, runs, out, overrides)
+        status = {status_key(r): outcome.status[status_key(r)] for r in runs}
+        failed, jobs = outcome.failed, outcome.jobs
     budgets = {r.method: iterations(r) for r in runs}
     summary = {"concepts": concepts, "methods": list(budgets), "budgets": budgets, "runs": status,
-               "budget": f"common: {cfg.budget} iterations" if cfg.budget is not None else "each method's own"}
-    if cfg.concepts is None:
-        summary.update(report_one(cfg, runs, out, budgets))
-    else:
+               "budget": f"common: {cfg.budget} iterations" if cfg.budget is not None else "each method's own",
+               **({"jobs": jobs, "failed": failed} if jobs is not None else {})}
+    finished = [r for r in runs if status[status_key(r)] != "failed"]
+    if failed:
+        print("\nfailed runs (no row, or fewer seeds, in the report):\n" + failed_lines(failed), file=sys.stderr)
+    if cfg.concepts is None and finished:
+        summary.update(report_one(cfg, finished, out, budgets, failed))
+    elif cfg.concepts is not None and not failed:
         summary.update(report_sequential(cfg, runs, concepts, out, budgets))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
+def report_one(cfg, runs, out: Path, budgets: dict, failed: list[dict] | None = None) -> dict:
     every = {r.key: json.loads((r.run_dir / "eval" / "metrics.json").read_text()) for r in runs}
     first = [group[0] for group in by_method(runs).values()]  # one run per method: grids, attack, I2P counts
     metrics = {r.method: every[r.key] for r in first}
@@ -97,7 +119,7 @@ def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
     if cfg.robustness.enabled:
         from unlearn.comparison.robustness import robustness_columns
 
-        extra = robustness_columns(cfg, first, target)
+        extra = robustness_columns(cfg, runs, target)  # every seed's model: intervals over seeds
     from unlearn.evaluation.i2p_eval import compare_columns, compare_counts, counts_table
 
     i2p = compare_counts(metrics, {r.method: r.label for r in first})
@@ -110,8 +132,12 @@ def report_one(cfg, runs, out: Path, budgets: dict) -> dict:
     kept = kept_column(results, target, bounds)
     extra = {lb: {**kept.get(lb, {}), **(extra or {}).get(lb, {})} for lb in {**kept, **(extra or {})}}
     pairs = format_separations(seeds["separations"]) if seeds is not None else ""
+    if failed:
+        budgets, lost = mark_failed(budgets, failed, runs)
+        pairs = "\n\n".join(p for p in (pairs, "Failed runs:\n" + failed_lines(failed)) if p)
     table = write_table(results, target, budgets, out, extra=extra,
-                        half_widths=seeds["half_width"] if seeds is not None else None, note=pairs)
+                        half_widths=seeds["half_width"] if seeds is not None else None, note=pairs,
+                        failed=lost if failed else None)
     concepts = [c for c in results["original"] if c != "implicit"]
     grids = write_grids(first, concepts, out, int(cfg.eval.grid_images))
     plot = write_tradeoff_plot(runs, every, out, f"{target}: erasure vs neighbours "
@@ -195,10 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     # --help, and every bad override refused in one line each (exit 2) before anything loads (unlearn/cli.py).
     overrides = preflight(list(sys.argv[1:] if argv is None else argv), "compare", "unlearn.compare", __doc__)
     try:
-        compare(overrides)
+        summary = compare(overrides)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("failed"):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

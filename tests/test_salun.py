@@ -204,6 +204,26 @@ def test_runs_through_train_with_the_prepared_pairs(tmp_path, tiny_pipeline_path
     assert res["pipeline"]
 
 
+def test_resumed_run_is_bit_identical(tmp_path, tiny_pipeline_path):
+    """The forget set and the mask are rebuilt from the original weights before the checkpoint's are loaded."""
+    from safetensors.torch import load_file
+
+    from unlearn.train import run
+
+    def train(root, *more):
+        cfg = make_cfg(root, f"model.path={tiny_pipeline_path}", "concept=toy_ring", "method=salun", "method.steps=3",
+                       "method.lr=1e-2", "method.forget_images=2", "method.mask_batch_size=2", "data.num_prompts=2",
+                       "data.images_per_prompt=1", "data.batch_size=2", "data.gen_batch_size=2",
+                       "model.sample_steps=2", "evaluate=false", "logger=none", "trainer=cpu",
+                       "trainer.enable_progress_bar=false", "+checkpoint_every=2", *more)
+        return load_file(f"{run(cfg)['pipeline']}/unet/diffusion_pytorch_model.safetensors")
+
+    whole = train(tmp_path / "a")
+    (ckpt,) = (tmp_path / "a" / "run" / "checkpoints").glob("iteration=2.ckpt")
+    resumed = train(tmp_path / "b", f"resume='{ckpt}'")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 # ------------------------------------------------------------------------------------------------ config
 def test_config_rules_name_the_bad_value(tmp_path):
     from unlearn.validate import problems

@@ -17,6 +17,7 @@ from unlearn.models.loading import ModelLoadError
 
 EXPORTS = ("pipeline", "delta", "both")
 DELTA_FILE = "delta.safetensors"
+ADAPTER_FILE = "spm.safetensors"  # SPM's adapter (unlearn/methods/spm_adapter.py): a delta header, component spm
 FORMAT = "unlearn-delta"
 FORMAT_VERSION = "1"
 HEADER_MAX = 100_000_000  # safetensors' own bound on a header's size
@@ -60,7 +61,8 @@ def resolve_model(source: str | Path) -> tuple[str, str]:
         return "pipeline", str(p)
     if (p / "pipeline").is_dir():
         return "pipeline", str(p / "pipeline")
-    if (p / DELTA_FILE).is_file():
-        return "delta", str(p / DELTA_FILE)
-    raise ModelLoadError(f"{source}: neither a pipeline folder nor a run folder (no model_index.json, pipeline/ "
-                         f"or {DELTA_FILE} in it)")
+    for name in (DELTA_FILE, ADAPTER_FILE):
+        if (p / name).is_file():
+            return "delta", str(p / name)
+    raise ModelLoadError(f"{source}: neither a pipeline folder nor a run folder (no model_index.json, pipeline/, "
+                         f"{DELTA_FILE} or {ADAPTER_FILE} in it)")

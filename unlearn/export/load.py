@@ -39,10 +39,20 @@ def load_pipeline(base: str | Path, delta: str | Path | None = None, **from_pret
                                                    requires_safety_checker=False, **from_pretrained)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if delta is not None:
-        meta, tensors = read_delta(delta)
         check_base(meta, pipe, str(base), delta)
-        apply_delta(pipe.unet, tensors, delta)
+        apply_to(pipe.unet, delta, meta, pipe.tokenizer, pipe.text_encoder)
     return pipe
+
+
+def apply_to(unet, path, meta: dict, tokenizer, text_encoder):
+    """`unet` (in place) with the file at `path`: a delta's tensors copied in, or SPM's adapter with its
+    prompt-dependent strength (unlearn/methods/spm_adapter.py), which reads the prompt through `text_encoder`."""
+    if meta.get("component") == "spm":
+        from unlearn.methods.spm_adapter import read_adapter, transport_unet
+
+        return transport_unet(unet, *read_adapter(path), tokenizer, text_encoder, path)
+    apply_delta(unet, read_delta(path)[1], path)
+    return unet
 
 
 def unet_of(source: str | Path, base: Components | str, dtype: str = "float32"):
@@ -52,13 +62,12 @@ def unet_of(source: str | Path, base: Components | str, dtype: str = "float32"):
     kind, path = resolve_model(source)
     if kind == "pipeline":
         return load_components(path, dtype=dtype).unet
-    meta, tensors = read_delta(path)
+    meta = read_header(path)
     if not isinstance(base, Components):
         base = load_components(str(base), revision=meta.get("base_revision") or None,
                                dtype=meta["base_dtype"].removeprefix("torch."))
     check_base(meta, base, base.source, path)
-    unet = copy.deepcopy(base.unet)
-    apply_delta(unet, tensors, path)
+    unet = apply_to(copy.deepcopy(base.unet), path, meta, base.tokenizer, base.text_encoder)
     return unet.requires_grad_(False).eval()
 
 

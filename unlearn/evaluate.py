@@ -18,7 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from unlearn.cli import preflight
-from unlearn.export.load import check_deltas, unet_of
+from unlearn.export.components import components_of
+from unlearn.export.load import check_deltas
 from unlearn.models.loading import ModelLoadError, load_components
 from unlearn.utils.labels import pipeline_label
 
@@ -33,9 +34,9 @@ def run(cfg: DictConfig) -> dict:
     check_deltas(cfg.get("candidates"), original)  # a delta of another base model fails now, before any image
     evaluator.measure("original", original)
     for i, path in enumerate(cfg.get("candidates") or []):
-        unet = unet_of(path, original, dtype=cfg.model.dtype)
+        model = components_of(path, original, dtype=cfg.model.dtype)  # a pipeline's own text encoder too
         label = pipeline_label(path)
-        evaluator.measure(label if label not in evaluator.results else f"{label}#{i}", original, unet=unet)
+        evaluator.measure(label if label not in evaluator.results else f"{label}#{i}", model, unet=model.unet)
     loggers = [instantiate(c) for c in cfg.logger] if cfg.logger else []
     payload = evaluator.report(loggers=loggers)
     for lg in loggers:

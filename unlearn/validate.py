@@ -144,6 +144,7 @@ def init_parameters(cls: type) -> tuple[dict, bool]:
 def signature_problems(prefix: str, group: dict, cls: type, skip: Iterable[str] = ("components",)) -> list[Problem]:
     """Keys `cls.__init__` does not take, and values of the wrong kind where its default says the kind."""
     params, takes_any = init_parameters(cls)
+    params = {**params, **getattr(cls, "shared_parameters", dict)()}  # a method's adapter keys (methods/base.py)
     return parameter_problems(prefix, group, params, takes_any, cls.__name__, skip)
 
 
@@ -433,6 +434,21 @@ def attack_problems(cfg: dict) -> list[Problem]:
             check_attack_config(cfg["attack"])
         except (ValueError, TypeError) as e:
             out.append(message_problem(str(e), "attack"))
+    rob = cfg.get("robustness")
+    if isinstance(rob, dict) and isinstance(rob.get("attack"), dict):  # compare's robustness columns
+        from unlearn.attacks import check_attack_config
+        from unlearn.attacks.runner import attack_configs
+
+        try:
+            attacks = attack_configs(rob["attack"], rob.get("attacks"))
+        except ValueError as e:
+            attacks = []
+            out.append(Problem("robustness.attacks", rob.get("attacks"), str(e).removeprefix("attacks: ")))
+        for attack in attacks:
+            try:
+                check_attack_config(attack)
+            except (ValueError, TypeError) as e:
+                out.append(message_problem(f"robustness.{e}", "robustness.attack"))  # its keys read attack.*
     det = cfg.get("detector")
     if isinstance(det, dict):
         from unlearn.metrics.detectors import DETECTORS
@@ -648,21 +664,19 @@ def config_diff(saved: Path, raw_cfg) -> list[str]:
     """Hashed keys (see unlearn.utils.marker) whose values differ between a saved config and `raw_cfg`."""
     from omegaconf import OmegaConf
 
-    from unlearn.utils.marker import UNHASHED, is_default
+    from unlearn.utils.marker import hashed
 
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
-            if prefix == "" and (k in UNHASHED or is_default(k, v)):
-                continue
             if isinstance(v, dict):
                 out.update(flat(v, f"{prefix}{k}."))
             else:
                 out[f"{prefix}{k}"] = v
         return out
 
-    old = flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
-    new = flat(OmegaConf.to_container(raw_cfg, resolve=False))
+    old = flat(hashed(OmegaConf.to_container(OmegaConf.load(saved), resolve=False)))
+    new = flat(hashed(OmegaConf.to_container(raw_cfg, resolve=False)))
     return [f"{k}: {show(old.get(k, '<absent>'))} -> {show(new.get(k, '<absent>'))}"
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 

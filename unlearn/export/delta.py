@@ -124,10 +124,15 @@ def export_run(module, run_dir: str | Path, cfg, base: dict | None) -> Path:
     if export not in EXPORTS:
         raise ValueError(f"export={export!r}: one of {' | '.join(EXPORTS)}")
     run_dir = Path(run_dir)
+    module.merge_adapter()  # a LoRA run's weights, merged: what every export holds and the evaluation measures
     written = module.export(run_dir / "pipeline") if export in ("pipeline", "both") else None
     if export in ("delta", "both"):
         target = cfg.method.get("_target_", "")
         delta = write_delta(run_dir / DELTA_FILE, module.export_unet(), module.trainable_names, base,
                             method=str(cfg.method.name), method_class=str(target), concept=str(cfg.concept.name))
+        if module.lora_tensors is not None:  # and the LoRA itself, for diffusers' load_lora_weights(run_dir)
+            from unlearn.methods.adapters import write_lora_file
+
+            write_lora_file(run_dir, module.lora_tensors)
         written = written or delta
     return Path(written)

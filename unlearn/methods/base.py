@@ -1,12 +1,17 @@
 """What every unlearning method shares: the model parts, which UNet weights train, noising, export.
 
 A method subclasses `UnlearnModule` and writes `training_step`; "steps" are training iterations (Lightning's
-global_step counts optimizer steps, twice per iteration when two optimizers step).
+global_step counts optimizer steps, twice per iteration when two optimizers step). Every subclass also takes
+`adapter` and `lora` (conf/adapter/default.yaml, merged into every method's config): `adapter=lora` trains a LoRA
+on the subset `trainable` selects instead of the subset itself (unlearn/methods/adapters.py), with no code in the
+method; `trainable_names` and `trainable_parameters()` are then the LoRA's.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import time
 import warnings
 from pathlib import Path
@@ -15,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from unlearn.methods.adapters import ADAPTERS, add_lora, has_lora, lora_state, lora_targets, merge_lora
 from unlearn.models.loading import Components, save_pipeline
 from unlearn.models.prediction import eps_from_prediction, prediction_type_of
 
@@ -56,13 +62,49 @@ def select_trainable(unet: torch.nn.Module, trainable: str) -> list[str]:
     return names
 
 
+LORA_KEYS = ("rank", "alpha", "dropout")
+_UNSET = object()
+
+
+def _taking_adapter(init):
+    """`init` that also takes `adapter` and `lora` as keywords, whatever its own signature, and leaves them where
+    `UnlearnModule.__init__` reads them: so a method's module and its signature need nothing for adapters. The
+    outermost constructor (RECE's, not the UCE one it calls) holds the caller's values."""
+    @functools.wraps(init)
+    def wrapper(self, *args, adapter=_UNSET, lora=_UNSET, **kwargs):
+        if adapter is not _UNSET or lora is not _UNSET:
+            object.__setattr__(self, "_adapter_request", (adapter, lora))  # before nn.Module's own __init__
+        init(self, *args, **kwargs)
+
+    # The signature stays `init`'s (functools.wraps): Lightning's save_hyperparameters reads the method's own
+    # arguments from its frame by that signature. Validation adds these two (`shared_parameters`).
+    return wrapper
+
+
 class UnlearnModule(L.LightningModule):
     # A closed-form method (UCE) sets this and implements `edit()`: `train.run` then calls `edit()` instead of
     # `Trainer.fit`, prepares no data, and exports and evaluates the result as for any trained method.
     closed_form = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__ = _taking_adapter(vars(cls)["__init__"])
+
     def __init__(self, components: Components, name: str, steps: int, trainable: str = "all",
                  frozen_copy: bool = False, log_every: int = 10):
+        adapter, lora = self.__dict__.pop("_adapter_request", ("none", None))
+        adapter = "none" if adapter is _UNSET else adapter
+        lora = {} if lora in (None, _UNSET) else dict(lora)
+        if adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter={adapter!r}; choose one of {ADAPTERS}")
+        if adapter == "lora" and self.closed_form:
+            raise ValueError(f"adapter=lora: {name} is a closed-form edit, with no training for a LoRA")
+        unknown = sorted(set(lora) - set(LORA_KEYS))
+        if unknown:
+            raise ValueError(f"lora.{unknown[0]}: not a LoRA setting; it takes {', '.join(LORA_KEYS)}")
+        if adapter == "lora" and set(lora) != set(LORA_KEYS):
+            raise ValueError(f"adapter=lora needs lora with {', '.join(LORA_KEYS)} (conf/adapter/default.yaml)")
         super().__init__()
         self.components = components
         self.method_name = name
@@ -73,6 +115,12 @@ class UnlearnModule(L.LightningModule):
         self.trainable_names = select_trainable(self.unet, trainable)
         # The original model, frozen, for methods whose targets come from it (ESD, SDD teacher init, DoCo).
         self.original = copy.deepcopy(self.unet).requires_grad_(False).eval() if frozen_copy else None
+        # After the frozen copy, which stays the plain original. A copy a method makes later from `self.unet` (the
+        # EMA teacher) holds the LoRA too, so it pairs with the student tensor for tensor.
+        self.adapter, self.lora = adapter, lora
+        if adapter == "lora":
+            self.trainable_names = add_lora(self.unet, lora_targets(self.unet, self.trainable_names), **lora)
+        self.lora_tensors: dict[str, torch.Tensor] | None = None  # the LoRA file's, kept when it is merged
         self.scheduler = components.scheduler
         self.register_buffer("alphas_cumprod", components.scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.prediction_type = prediction_type_of(components.scheduler)  # what the UNet predicts: see eps()
@@ -104,6 +152,32 @@ class UnlearnModule(L.LightningModule):
                           hint=" (null = no clipping)")
         if "log_every" in m:
             out += number("method.log_every", m["log_every"], 1, integer=True)
+        return out + cls.adapter_problems(m)
+
+    @classmethod
+    def shared_parameters(cls) -> dict[str, inspect.Parameter]:
+        """The keywords every method takes beside its own signature's (the config's unknown-key check reads them)."""
+        return {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+                for n, d in (("adapter", "none"), ("lora", None))}
+
+    @classmethod
+    def adapter_problems(cls, m: dict) -> list:
+        from unlearn.validate import Problem, choice, number, unknown_key
+
+        adapter, lora = m.get("adapter", "none"), m.get("lora") or {}
+        out = choice("method.adapter", adapter, ADAPTERS)
+        if adapter == "lora" and cls.closed_form:
+            out.append(Problem("method.adapter", adapter, f"not for {m.get('name')} ({cls.__name__}), a closed-form "
+                                                          "edit with no training for a LoRA; adapter=none"))
+        if not isinstance(lora, dict):
+            return [*out, Problem("method.lora", lora, "a mapping of " + ", ".join(LORA_KEYS))]
+        out += [unknown_key(f"method.lora.{k}", v, LORA_KEYS, "the LoRA") for k, v in lora.items() if k not in LORA_KEYS]
+        if "rank" in lora:
+            out += number("method.lora.rank", lora["rank"], 1, integer=True)
+        if "alpha" in lora:
+            out += number("method.lora.alpha", lora["alpha"], 0, lo_open=True, hint=" (the LoRA's scale is alpha / rank)")
+        if "dropout" in lora:
+            out += number("method.lora.dropout", lora["dropout"], 0, 1, hi_open=True)
         return out
 
     # ------------------------------------------------------------------ helpers
@@ -210,8 +284,20 @@ class UnlearnModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k in keep or not k.startswith(("unet.", "original.", "components."))}
 
+    def merge_adapter(self) -> None:
+        """After training, before anything is exported or measured: merge the LoRA into every UNet holding one (the
+        trained one, the EMA teacher), keeping the exported UNet's LoRA for its file first. `trainable_names` then
+        names the merged weights, which a delta holds. Once; a no-op without an adapter."""
+        if self.adapter != "lora" or self.lora_tensors is not None:
+            return
+        self.lora_tensors = lora_state(self.export_unet())
+        for child in self.children():
+            if has_lora(child):
+                self.trainable_names = merge_lora(child)
+
     def export(self, folder: str | Path) -> Path:
-        """The deliverable: a folder StableDiffusionPipeline.from_pretrained loads."""
+        """The deliverable: a folder StableDiffusionPipeline.from_pretrained loads (with a LoRA: merged)."""
+        self.merge_adapter()
         return save_pipeline(self.components, folder, unet=self.export_unet())
 
     def export_unet(self):

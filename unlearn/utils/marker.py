@@ -24,14 +24,24 @@ MARKER = "DONE"
 UNHASHED = ("paths", "run_name", "logger", "hydra", "resume")
 # Keys added after runs were made, whose default keeps a run's hash (and its resume check) as it was without them.
 DEFAULTED = {"export": "pipeline"}
+# Method keys added the same way (conf/adapter/default.yaml): left out while no adapter is on, where they do nothing.
+ADAPTER_KEYS = ("adapter", "lora")
 
 
 def config_hash(cfg: DictConfig) -> str:
     """sha256 of the composed config (unresolved), without the keys that say where a run lives or how it shows."""
     from unlearn.models.fingerprint import sha_of  # imports torch: not before a bad command line is refused
 
-    data = OmegaConf.to_container(cfg, resolve=False)
-    return sha_of({k: v for k, v in data.items() if k not in UNHASHED and not is_default(k, v)})
+    return sha_of(hashed(OmegaConf.to_container(cfg, resolve=False)))
+
+
+def hashed(data: dict) -> dict:
+    """The part of a config (as plain Python) that the hash and the resume check read."""
+    out = {k: v for k, v in data.items() if k not in UNHASHED and not is_default(k, v)}
+    method = out.get("method")
+    if isinstance(method, dict) and method.get("adapter", "none") == "none":
+        out["method"] = {k: v for k, v in method.items() if k not in ADAPTER_KEYS}
+    return out
 
 
 def is_default(key: str, value) -> bool:

@@ -270,7 +270,7 @@ def test_spm_composes_and_validates(model):
 
 @pytest.mark.parametrize("override, key", [("method.rank=0", "method.rank"), ("export=delta", "export"),
                                            ("method.anchor_rows=some", "method.anchor_rows"),
-                                           ("method.adapter=lora", "method.adapter")])
+                                           ("++method.adapter=lora", "method.adapter")])
 def test_bad_spm_values_named(override, key):
     from unlearn.validate import ConfigError, validate
 

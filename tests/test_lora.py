@@ -257,19 +257,3 @@ def test_no_adapter_keeps_every_former_run_hash(tmp_path):
     assert config_hash(cfg) != config_hash(OmegaConf.create(data))
 
 
-
-# ------------------------------------------------------------------------------------------------ end to end (toy)
-@pytest.mark.slow
-def test_toy_conabl_with_a_lora_erases_the_ring_and_keeps_its_neighbours(tmp_path, shared_cache):
-    """ConAbl's toy recipe, cheaper (8 anchor images, 100 iterations, 8 prompts), a rank-4 LoRA at 10x the
-    full-weight lr of tests/test_conabl.py's cheap run (3e-4)."""
-    from toy_helpers import assert_erased_and_kept, train_and_measure
-
-    from unlearn.models.loading import TOY_PIPELINE
-
-    if not (TOY_PIPELINE / "unet").exists():
-        pytest.skip("toy weights not built")
-    payload = train_and_measure(tmp_path, shared_cache, "experiment=toy_conabl", "concept=toy_ring",
-                                "method.adapter=lora", "method.lr=3e-3", "data.num_prompts=8",
-                                "data.images_per_prompt=1", "method.steps=100", "eval.num_prompts=8")
-    assert_erased_and_kept(payload, "conabl")

@@ -243,5 +243,6 @@ def test_salun_erases_the_toy_ring(tmp_path, shared_cache):
 
     payload = train_and_measure(tmp_path, shared_cache, "experiment=toy_salun", "concept=toy_ring",
                                 "data.num_prompts=8", "data.images_per_prompt=1", "method.forget_images=8",
+                                "method.steps=60", "method.lr=5e-5",
                                 "eval.num_prompts=8")
     assert_erased_and_kept(payload, "salun")

@@ -50,7 +50,8 @@ def run(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from unlearn.attacks.runner import attack_configs, format_robustness, found_prompts
-    from unlearn.export.load import check_deltas, unet_of
+    from unlearn.export.components import components_of
+    from unlearn.export.load import check_deltas
     from unlearn.utils.quiet import quiet_third_party
 
     quiet_third_party()
@@ -66,8 +67,8 @@ def run(cfg) -> dict:
         label = pipeline_label(path)
         label = label if label not in labels else f"{label}#{i}"
         labels.add(label)
-        unet = unet_of(path, rob.original, dtype=c["model"].get("dtype", "float32"))  # pipeline, run folder or delta
-        rows.append(rob.run(unet, label=label))
+        # a pipeline (its own UNet and text encoder), a run folder or a delta
+        rows.append(rob.run(components_of(path, rob.original, dtype=c["model"].get("dtype", "float32")), label=label))
     table = format_robustness(rows)
     out = Path(c["paths"]["run_dir"])
     out.mkdir(parents=True, exist_ok=True)

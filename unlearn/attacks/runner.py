@@ -19,6 +19,7 @@ from torch import Tensor
 from unlearn.attacks import RUNNER_KEYS, build_attack, check_attack_config
 from unlearn.attacks.base import Reference
 from unlearn.attacks.common import Check, PrefixPrompt, random_tokens, sample_ids, sample_text
+from unlearn.models.loading import Components
 from unlearn.utils.labels import pipeline_label
 
 log = logging.getLogger("unlearn.attack")
@@ -117,10 +118,10 @@ class Robustness:
                 "guidance_scale": self.model_cfg["guidance_scale"], "concept": self.concept.name,
                 "prompts": len(self.targets)}
 
-    def _generate(self, unet, prompts, seeds):
+    def _generate(self, unet, prompts, seeds, components=None):
         from unlearn.models.sampling import generate
 
-        return generate(self.original, prompts, seeds, unet=unet, steps=self.model_cfg["sample_steps"],
+        return generate(components or self.original, prompts, seeds, unet=unet, steps=self.model_cfg["sample_steps"],
                         guidance_scale=self.model_cfg["guidance_scale"], return_latents=True)
 
     def reference(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -135,12 +136,17 @@ class Robustness:
         return Check(erased, self.detector, self.targets[i], self.anchors[i], self.seeds[i],
                      self.model_cfg["sample_steps"], self.model_cfg["guidance_scale"])
 
-    def run(self, unet, label: str = "model") -> dict:
+    def run(self, model, label: str = "model") -> dict:
+        """Attack one model: its UNet, or its Components (`unlearn.export.components.components_of`), whose text
+        encoder is then the erased model's too (AdvUnlearn trains it)."""
+        erased = model if isinstance(model, Components) else dataclasses.replace(self.original, unet=model)
+        unet = erased.unet
+        if erased.text_encoder is not self.original.text_encoder:
+            erased.text_encoder.requires_grad_(False).eval()
         ref_images, ref_latents, ref_shows = self.reference()
         keep = [i for i in range(len(self.targets)) if ref_shows[i] or not self.cfg.get("filter_references", True)]
-        images, _ = self._generate(unet, self.targets, self.seeds)
+        images, _ = self._generate(unet, self.targets, self.seeds, erased)
         clean = self.detector(images, self.targets, self.anchors)
-        erased = dataclasses.replace(self.original, unet=unet)
         shown = [i for i in range(len(self.targets)) if ref_shows[i]]
         concept_latents, concept_prompts = ref_latents[shown], [self.targets[i] for i in shown]
         per_prompt = [{"prompt": self.targets[i], "seed": self.seeds[i], "clean": bool(clean[i])} for i in keep]
@@ -163,7 +169,8 @@ class Robustness:
                 used.append(res.iterations)
             columns.append({"attack": name, "asr": 100.0 * (n_clean + found) / n, "found_by_attack": found,
                             "iterations": sum(used) / len(used) if used else None,
-                            "control": _control_name(attack), "control_rate": self.random_prefix_rate(unet, keep, attack)})
+                            "control": _control_name(attack),
+                            "control_rate": self.random_prefix_rate(erased, keep, attack)})
         for row in per_prompt:  # the first attack's result also as `attack` (one-attack readers, the jsonl)
             if self.names[0] in row.get("attacks", {}):
                 row["attack"] = row["attacks"][self.names[0]]
@@ -173,13 +180,15 @@ class Robustness:
                "clean_rate": 100.0 * n_clean / n, "asr": first["asr"], "found_by_attack": first["found_by_attack"],
                "random_prefix_rate": first["control_rate"], "attacks": columns, "per_prompt": per_prompt}
         if self.recovery.get("enabled", False):
-            out.update(self.recover(unet, images))
+            # Partial diffusion conditions both UNets through one text encoder: not defined for a text-encoder edit.
+            same_text = erased.text_encoder is self.original.text_encoder
+            out.update(self.recover(unet, images) if same_text else {"ccs": None, "crs": None})
         log.info("%s: clean %.1f %%, %s", label, out["clean_rate"],
                  ", ".join(f"ASR {c['attack']} {c['asr']:.1f} %" for c in columns))
         return out
 
     @torch.no_grad()
-    def random_prefix_rate(self, unet, keep: list[int], attack=None) -> float | None:
+    def random_prefix_rate(self, erased, keep: list[int], attack=None) -> float | None:
         """Control: detection rate with k random (non-special) tokens and no optimisation - how much of the
         success rate the optimisation itself earns. The tokens prefix the prompt, or stand alone for an attack that
         searches whole prompts (`control_keeps_prompt = False`: Ring-A-Bell); tried by the attack's readout."""
@@ -189,17 +198,19 @@ class Robustness:
         tok = self.original.tokenizer
         gen = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)))
         with_prompt = getattr(attack, "control_keeps_prompt", True)
-        prefixes = [PrefixPrompt(tok, self.original.text_encoder, self.targets[i] if with_prompt else "", attack.k)
+        if not isinstance(erased, Components):
+            erased = dataclasses.replace(self.original, unet=erased)
+        prefixes = [PrefixPrompt(tok, erased.text_encoder, self.targets[i] if with_prompt else "", attack.k)
                     for i in keep]
         tokens = [random_tokens(tok, attack.k, gen) for _ in keep]
         seeds = [self.seeds[i] for i in keep]
         steps, guidance = self.model_cfg["sample_steps"], self.model_cfg["guidance_scale"]
         if attack.readout == "ids":
             ids = torch.cat([p.with_tokens(t) for p, t in zip(prefixes, tokens)])
-            images = sample_ids(self.original, unet, ids, seeds, steps, guidance)
+            images = sample_ids(erased, erased.unet, ids, seeds, steps, guidance)
         else:
             texts = [p.text(t) for p, t in zip(prefixes, tokens)]
-            images = sample_text(self.original, unet, texts, seeds, steps, guidance)
+            images = sample_text(erased, erased.unet, texts, seeds, steps, guidance)
         shows = self.detector(images, [self.targets[i] for i in keep], [self.anchors[i] for i in keep])
         return 100.0 * shows.float().mean().item()
 
@@ -222,11 +233,11 @@ def attack_success(pipeline_path: str | Path, concept, cfg: Mapping, model_cfg: 
     """Clean detection rate and success rate (and CCS/CRS when `recovery_cfg.enabled`) of one pipeline folder, run
     folder or delta, with the settings that produced them. Pass `robustness` to reuse the original model and
     reference images."""
-    from unlearn.export.load import unet_of
+    from unlearn.export.components import components_of
 
     rob = robustness or Robustness(concept, cfg, model_cfg, detector_cfg, recovery_cfg)
-    unet = unet_of(pipeline_path, rob.original, dtype=rob.model_cfg.get("dtype", "float32"))
-    return {**rob.run(unet, label=pipeline_label(pipeline_path)), "settings": rob.settings}
+    model = components_of(pipeline_path, rob.original, dtype=rob.model_cfg.get("dtype", "float32"))
+    return {**rob.run(model, label=pipeline_label(pipeline_path)), "settings": rob.settings}
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -63,7 +63,7 @@ def attack_configs(rc: dict) -> list[dict]:
 def robustness_columns(cfg, runs, target: str) -> dict[str, dict]:
     """{label: {column: cell}} for the original model and every method (every run of it: one per seed)."""
     from unlearn.attacks.runner import Robustness
-    from unlearn.export.load import unet_of
+    from unlearn.export.components import components_of
 
     rc = OmegaConf.to_container(cfg.robustness, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -79,9 +79,11 @@ def robustness_columns(cfg, runs, target: str) -> dict[str, dict]:
             if rob is None:
                 rob = Robustness(target, attack_configs(rc), model, rc["detector"], rc["recovery"])
             # A run folder: its pipeline/, or its delta applied to the original model (export=delta).
-            unet = rob.original.unet if source is None else \
-                unet_of(source, rob.original, dtype=model.get("dtype", "float32")).requires_grad_(False).eval()
-            row = rob.run(unet, label=label)
+            erased = rob.original.unet if source is None else \
+                components_of(source, rob.original, dtype=model.get("dtype", "float32"))
+            if source is not None:
+                erased.unet.requires_grad_(False).eval()
+            row = rob.run(erased, label=label)
             row["settings"] = rob.settings
             write_atomic(cache, json.dumps(row, indent=1, default=str))
         rows.setdefault(label, []).append(row)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from unlearn.export import resolve_model
 from unlearn.export.load import unet_of
 from unlearn.models.loading import Components, load_components
@@ -21,5 +23,13 @@ def components_of(source: str | Path, base: Components, dtype: str = "float32") 
     kind, path = resolve_model(source)
     if kind == "pipeline":
         own = load_components(path, dtype=dtype)
-        return dataclasses.replace(base, unet=own.unet, text_encoder=own.text_encoder)
+        # An untouched text encoder stays the base's own object: callers may then tell "same text" by identity.
+        text = base.text_encoder if same_weights(own.text_encoder, base.text_encoder) else own.text_encoder
+        return dataclasses.replace(base, unet=own.unet, text_encoder=text)
     return dataclasses.replace(base, unet=unet_of(source, base, dtype=dtype))
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k].dtype), sb[k])
+                                          for k in sa)

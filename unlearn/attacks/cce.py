@@ -74,7 +74,7 @@ class CCE(Attack):
 
     def learn(self, original, erased, latents: Tensor, prompts: list[str], seed: int, stops: list[int]):
         """Yield (steps done, the embedding) at each of `stops`: Adam(W) on the new embedding alone."""
-        prefixes = [PrefixPrompt(original.tokenizer, original.text_encoder, p, self.num_tokens) for p in prompts]
+        prefixes = [PrefixPrompt(erased.tokenizer, erased.text_encoder, p, self.num_tokens) for p in prompts]
         emb = self.initial(original.tokenizer, prefixes[0].embedding).requires_grad_(True)
         opt = torch.optim.AdamW([emb], lr=self.lr, weight_decay=self.weight_decay)
         sched = original.scheduler
@@ -107,7 +107,7 @@ class CCE(Attack):
             held = self._learned = {"unet": erased.unet, "latents": latents, "done": [],
                                     "rest": self.learn(original, erased, latents, prompts, seed, stops)}
         done, rest = held["done"], held["rest"]
-        prefix = PrefixPrompt(original.tokenizer, original.text_encoder, prompt, self.num_tokens)
+        prefix = PrefixPrompt(erased.tokenizer, erased.text_encoder, prompt, self.num_tokens)
         emb = None
         for step, emb in self._embeddings(done, rest):
             with torch.no_grad():

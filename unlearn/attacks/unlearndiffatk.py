@@ -116,7 +116,7 @@ class UnlearnDiffAtk(Attack):
 
     def run(self, original, erased, prompt: str, reference: Reference, check, seed: int = 0) -> AttackResult:
         x0 = reference.latent
-        prefix = PrefixPrompt(original.tokenizer, original.text_encoder, prompt, self.k)
+        prefix = PrefixPrompt(erased.tokenizer, erased.text_encoder, prompt, self.k)  # the erased model end to end
         gen = torch.Generator().manual_seed(int(seed))
         theta = project_simplex(torch.full((self.k, prefix.vocab_size), 1.0 / prefix.vocab_size))
         theta.requires_grad_(True)

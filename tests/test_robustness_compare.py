@@ -25,3 +25,18 @@ def test_compare_attacks_every_seed_and_reports_intervals(tmp_path, tiny_pipelin
     assert " ± " in rows["distill"][asr] and " ± " not in rows["original"][asr]  # two seeds' models attacked
     cached = sorted(p.parent.name for p in (tmp_path / "cmp" / "runs").glob("*/*/robustness-distill-*.json"))
     assert cached == ["seed0", "seed1"]
+
+
+def test_a_bad_attack_of_compare_is_named_before_anything_trains(tmp_path):
+    """robustness.attacks and robustness.attack are checked with the rest of the config: one line, exit 2."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "unlearn.compare", "concept=toy_ring", "methods=[uce]", "robustness.enabled=true",
+            f"out_dir={tmp_path}/cmp", f"paths.root={tmp_path}"]
+    for extra, named in ((["robustness.attacks=[ring_a_bel]"], "robustness.attacks=[ring_a_bel]"),
+                         (["robustness.attack.num_prompts=0"], "robustness.attack.num_prompts=0")):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and named in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "cmp").exists()

@@ -277,12 +277,3 @@ def test_bad_spm_values_named(override, key):
     with pytest.raises(ConfigError) as e:
         validate(compose_train("experiment=toy_spm", "concept=toy_ring", override))
     assert key in {p.key for p in e.value.problems}
-
-
-@pytest.mark.slow
-def test_spm_erases_the_toy_ring(tmp_path, shared_cache):
-    from tests.toy_helpers import assert_erased_and_kept, train_and_measure
-
-    payload = train_and_measure(tmp_path, shared_cache, "experiment=toy_spm", "concept=toy_ring")
-    assert_erased_and_kept(payload, "spm")
-    assert (tmp_path / "run" / "spm.safetensors").is_file() and not (tmp_path / "run" / "pipeline").exists()

@@ -227,3 +227,15 @@ def test_attack_takes_a_delta_as_its_pipeline_folder_and_refuses_another_base(ru
     assert {k: v for k, v in folder.items() if k != "label"} == {k: v for k, v in delta.items() if k != "label"}
     with pytest.raises(DeltaError):
         attack(runs["uce"] / "delta.safetensors", base="toy", name="other")
+
+
+def test_a_compare_seed_folder_is_labelled_by_method_and_seed(tmp_path):
+    from unlearn.utils.labels import pipeline_label
+
+    run = tmp_path / "runs" / "esd_x" / "seed1"
+    (run / "pipeline").mkdir(parents=True)
+    spm = tmp_path / "runs" / "spm" / "seed0"
+    spm.mkdir(parents=True)
+    (spm / "spm.safetensors").write_bytes(b"")
+    assert pipeline_label(run) == pipeline_label(run / "pipeline") == "esd_x-seed1"
+    assert pipeline_label(spm) == "spm-seed0"

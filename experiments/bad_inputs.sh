@@ -96,6 +96,10 @@ attack attack=ring_a_bell attack.eta=0
 attack attack=ring_a_bell_toy attack.eta=-1
 attack attack=ring_a_bell attack.population=1
 attack attack=[toy,ring_a_bel]
+compare concept=toy_ring methods=[uce] robustness.enabled=true robustness.attacks=[ring_a_bel]
+compare concept=toy_ring methods=[uce] robustness.enabled=true robustness.attack.num_prompts=0
+train method=uce method.adapter=lora
+train method=esd_x method.adapter=lora method.lora.rank=0
 LIST
 echo
 echo "$i command lines; $bad not failing in < ${LIMIT_S} s with exit code 2, one line and nothing left."

@@ -9,6 +9,14 @@ from torch import Tensor
 READOUTS = ("text", "ids")
 
 
+def readout_of(cfg: dict) -> str:
+    """`attack.readout`, default text (the authors' rule); anything else a ValueError naming it."""
+    value = cfg.setdefault("readout", "text")
+    if value not in READOUTS:
+        raise ValueError(f"attack.readout={value!r}: one of {' | '.join(READOUTS)}")
+    return value
+
+
 def eps(unet, x_t: Tensor, t: int | Tensor, cond: Tensor) -> Tensor:
     """The model's noise prediction; the one place the attacks call a UNet while optimising."""
     t = torch.as_tensor([t] if not torch.is_tensor(t) or t.dim() == 0 else t, device=x_t.device)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from unlearn.attacks.base import Attack, AttackResult, Reference
-from unlearn.attacks.common import READOUTS, PrefixPrompt, tokenize
+from unlearn.attacks.common import PrefixPrompt, readout_of, tokenize
 
 
 # ---------------------------------------------------------------- pure parts
@@ -109,9 +109,7 @@ class RingABell(Attack):
                 raise ValueError(f"attack.{key}={v!r} must be a number in [0, 1]")
         if out.get("num_pairs") is not None:
             _number("num_pairs", out["num_pairs"], 1, integer=True)
-        out.setdefault("readout", "text")
-        if out["readout"] not in READOUTS:
-            raise ValueError(f"attack.readout={out['readout']!r}: one of {' | '.join(READOUTS)}")
+        readout_of(out)
         return out
 
     @property

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unlearn.attacks.base import Attack, AttackResult, Reference
-from unlearn.attacks.common import READOUTS, PrefixPrompt, eps, tokenize
+from unlearn.attacks.common import PrefixPrompt, eps, readout_of, tokenize
 from unlearn.models.prediction import eps_from_prediction, prediction_type_of
 
 # The authors' defaults (configs/*/text_grad_*.json and src/execs/attack.py): k = 5 for nudity, 3 otherwise.
@@ -85,9 +85,7 @@ class UnlearnDiffAtk(Attack):
             raise ValueError(f"attack.lr={out.get('lr')!r} must be > 0")
         if float(out.get("weight_decay", 0.0)) < 0:
             raise ValueError(f"attack.weight_decay={out.get('weight_decay')!r} must be >= 0")
-        out.setdefault("readout", "text")
-        if out["readout"] not in READOUTS:
-            raise ValueError(f"attack.readout={out['readout']!r}: one of {' | '.join(READOUTS)}")
+        readout_of(out)
         return out
 
     @property

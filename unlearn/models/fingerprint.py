@@ -57,6 +57,9 @@ def model_fingerprint(components) -> dict:
            "weights_sha": sha_of([weights_checksum(m) for m in parts.values()]),
            "tokenizer_sha": sha_of([components.tokenizer.model_max_length,
                                     sorted(components.tokenizer.get_vocab().items())])}
+    if hasattr(components.tokenizer, "parts"):  # SDXL's pair (unlearn/models/sdxl.py): the second one's too
+        second = components.tokenizer.parts()[1]
+        out["tokenizer_2_sha"] = sha_of([second.model_max_length, second.pad_token, sorted(second.get_vocab().items())])
     # The same weights read as v sample other images; an ε model's fingerprint (and its caches) stays as it was.
     prediction = getattr(getattr(components, "scheduler", None), "config", {}).get("prediction_type", "epsilon")
     if prediction != "epsilon":

@@ -2,6 +2,7 @@
 
     python -m unlearn.toy.build                 # the shipped weights (~50 min on 2 idle CPU cores)
     python -m unlearn.toy.build --quick --out /tmp/toy   # a smoke-sized rebuild (tests)
+    python -m unlearn.toy.build --world v2 --out /tmp/toy2   # the staged world v2 (unlearn/toy/world2.py)
 
 Same seed, same torch build and thread count -> the same bytes. The UNet is conditioned on the *trained* CLIP
 text tower, frozen, exactly as Stable Diffusion conditions on CLIP ViT-L/14.
@@ -13,6 +14,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn.toy import world
+from unlearn.toy import world, world2
 from unlearn.toy.tokenizer import write_tokenizer_files
 
 WEIGHTS = Path(__file__).parent / "weights"
 MAX_TOKENS = 16
+WORLDS = {"v1": world, "v2": world2}  # v2 is staged: built only into a folder given with --out
 
 
 @dataclass
@@ -68,50 +71,56 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer / CLIP
-def build_tokenizer(out: Path):
+def max_tokens(w=world) -> int:
+    return getattr(w, "MAX_TOKENS", MAX_TOKENS)
+
+
+def build_tokenizer(out: Path, w=world):
     from transformers import CLIPTokenizer
 
-    write_tokenizer_files(out / "tokenizer", world.vocabulary())
-    tok = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=MAX_TOKENS)
+    write_tokenizer_files(out / "tokenizer", w.vocabulary())
+    tok = CLIPTokenizer.from_pretrained(out / "tokenizer", model_max_length=max_tokens(w))
     tok.save_pretrained(out / "tokenizer")
     return tok
 
 
-def clip_config(vocab_size: int, eos_id: int, bos_id: int):
+def clip_config(vocab_size: int, eos_id: int, bos_id: int, n_tokens: int = MAX_TOKENS):
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                          num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
+                          num_attention_heads=4, max_position_embeddings=n_tokens, projection_dim=64,
                           eos_token_id=eos_id, bos_token_id=bos_id, pad_token_id=eos_id)
     vision = CLIPVisionConfig(image_size=world.IMAGE_SIZE, patch_size=8, hidden_size=64, intermediate_size=256,
                               num_hidden_layers=4, num_attention_heads=4, projection_dim=64)
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64)
 
 
-def caption_matches(scenes: list[world.Scene], captions: list[str]) -> torch.Tensor:
+def caption_matches(scenes: list, captions: list[str], w=world) -> torch.Tensor:
     """M[i, j] = caption j truly describes image i (a caption without colour fits every colour)."""
+    if w is not world:
+        return torch.tensor(w.caption_matches(scenes, captions), dtype=torch.float)
     fits = [{s.caption(True), s.caption(False)} for s in scenes]
     return torch.tensor([[float(c in f) for c in captions] for f in fits])
 
 
-def train_clip(out: Path, tok, budget: Budget, seed: int):
+def train_clip(out: Path, tok, budget: Budget, seed: int, w=world):
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(seed)
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    cfg = clip_config(len(tok), tok.eos_token_id, tok.bos_token_id)
+    cfg = clip_config(len(tok), tok.eos_token_id, tok.bos_token_id, max_tokens(w))
     model = CLIPModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     sched = warmup_cosine(opt, budget.clip_steps)
     model.train()
     for step in range(budget.clip_steps):
-        images, captions, scenes = world.sample_batch(budget.clip_batch, rng)
+        images, captions, scenes = w.sample_batch(budget.clip_batch, rng)
         pixels = augment(to_tensor(images), g)
-        ids = tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        ids = tok(captions, padding="max_length", max_length=max_tokens(w), truncation=True, return_tensors="pt")
         img = F.normalize(_image_features(model, pixels), dim=-1)
         txt = F.normalize(_text_features(model, ids.input_ids), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-        match = caption_matches(scenes, captions)
+        match = caption_matches(scenes, captions, w)
         loss = -(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean() \
             - (match / match.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
         opt.zero_grad()
@@ -150,14 +159,14 @@ def vae_model():
                          mid_block_add_attention=False)
 
 
-def train_vae(out: Path, budget: Budget, seed: int):
+def train_vae(out: Path, budget: Budget, seed: int, w=world):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     vae = vae_model()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     sched = warmup_cosine(opt, budget.vae_steps)
     for step in range(budget.vae_steps):
-        x = to_tensor(world.sample_batch(budget.vae_batch, rng)[0])
+        x = to_tensor(w.sample_batch(budget.vae_batch, rng)[0])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-5 * post.kl().mean()
@@ -169,7 +178,7 @@ def train_vae(out: Path, budget: Budget, seed: int):
             log(f"vae step {step} loss {loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        x = to_tensor(world.sample_batch(512, rng)[0])
+        x = to_tensor(w.sample_batch(512, rng)[0])
         std = vae.encode(x).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae
@@ -200,24 +209,36 @@ def all_captions() -> list[str]:
     return [""] + sorted(caps)
 
 
-def train_unet(out: Path, tok, text_encoder, vae, budget: Budget, seed: int):
+def train_unet(out: Path, tok, text_encoder, vae, budget: Budget, seed: int, w=world):
     torch.manual_seed(seed)
     rng, g = np.random.default_rng(seed + 2), torch.Generator().manual_seed(seed + 2)
-    captions = all_captions()
+    # v1 has few captions: encode them all once. v2's are drawn fresh: keep the bank's token ids, encode per step.
+    captions = all_captions() if w is world else [""]
     index = {c: i for i, c in enumerate(captions)}
+    n_tokens = max_tokens(w)
     with torch.no_grad():
-        ids = tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        ids = tok(captions, padding="max_length", max_length=n_tokens, truncation=True, return_tensors="pt")
         table = text_encoder(ids.input_ids).last_hidden_state  # (n_captions, T, 64), frozen
         bank_mean, bank_std, bank_cap = [], [], []
         for start in range(0, budget.bank, 1000):
-            imgs, caps, _ = world.sample_batch(min(1000, budget.bank - start), rng)
+            imgs, caps, _ = w.sample_batch(min(1000, budget.bank - start), rng)
             dist = vae.encode(to_tensor(imgs)).latent_dist
             bank_mean.append(dist.mean)
             bank_std.append(dist.std)
-            bank_cap.extend(index[c] for c in caps)
+            bank_cap.extend(index[c] if w is world else index.setdefault(c, len(index)) for c in caps)
         bank_mean, bank_std = torch.cat(bank_mean), torch.cat(bank_std)
         bank_cap = torch.tensor(bank_cap)
-    log(f"latent bank {tuple(bank_mean.shape)}")
+    if w is world:
+        def embed(i):
+            return table[i]
+    else:
+        bank_ids = tok(list(index), padding="max_length", max_length=n_tokens, truncation=True,
+                       return_tensors="pt").input_ids
+
+        @torch.no_grad()
+        def embed(i):
+            return text_encoder(bank_ids[i]).last_hidden_state
+    log(f"latent bank {tuple(bank_mean.shape)}, {len(index)} captions")
     sf = vae.config.scaling_factor
     unet, noise_sched = unet_model(), scheduler()
     ema = unet_model()
@@ -235,9 +256,9 @@ def train_unet(out: Path, tok, text_encoder, vae, budget: Budget, seed: int):
         cap[torch.rand(len(cap), generator=g) < 0.1] = 0  # caption dropout -> classifier-free guidance
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(0, 1000, (len(idx),), generator=g)
-        pred = unet(noise_sched.add_noise(lat, noise, t), t, encoder_hidden_states=table[cap]).sample
-        w = (snr[t].clamp(max=5.0) / snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 weighting for eps-prediction
-        loss = (w * (pred - noise) ** 2).mean()
+        pred = unet(noise_sched.add_noise(lat, noise, t), t, encoder_hidden_states=embed(cap)).sample
+        weight = (snr[t].clamp(max=5.0) / snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 weighting for eps-prediction
+        loss = (weight * (pred - noise) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -250,12 +271,12 @@ def train_unet(out: Path, tok, text_encoder, vae, budget: Budget, seed: int):
         if step % 100 == 0 or step == budget.unet_steps - 1:
             log(f"unet step {step} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
         if step in (200, budget.unet_steps // 2) or step == budget.unet_steps - 1:
-            log(f"conditioning check at step {step}: {conditioning_check(unet, noise_sched, table, bank_mean, bank_cap, sf)}")
+            log(f"conditioning check at step {step}: {conditioning_check(unet, noise_sched, embed, bank_mean, bank_cap, sf)}")
     return ema
 
 
 @torch.no_grad()
-def conditioning_check(unet, noise_sched, table, bank_mean, bank_cap, sf, n: int = 64) -> dict:
+def conditioning_check(unet, noise_sched, embed, bank_mean, bank_cap, sf, n: int = 64) -> dict:
     """Denoising loss with the true caption vs a shuffled one: conditioning works iff true < wrong clearly."""
     g = torch.Generator().manual_seed(0)
     idx = torch.arange(n)
@@ -263,30 +284,31 @@ def conditioning_check(unet, noise_sched, table, bank_mean, bank_cap, sf, n: int
     noise = torch.randn(lat.shape, generator=g)
     t = torch.full((n,), 600)
     x = noise_sched.add_noise(lat, noise, t)
-    true = F.mse_loss(unet(x, t, encoder_hidden_states=table[bank_cap[idx]]).sample, noise).item()
-    wrong = F.mse_loss(unet(x, t, encoder_hidden_states=table[bank_cap[idx.roll(1)]]).sample, noise).item()
-    empty = F.mse_loss(unet(x, t, encoder_hidden_states=table[torch.zeros(n, dtype=torch.long)]).sample, noise).item()
+    true = F.mse_loss(unet(x, t, encoder_hidden_states=embed(bank_cap[idx])).sample, noise).item()
+    wrong = F.mse_loss(unet(x, t, encoder_hidden_states=embed(bank_cap[idx.roll(1)])).sample, noise).item()
+    empty = F.mse_loss(unet(x, t, encoder_hidden_states=embed(torch.zeros(n, dtype=torch.long))).sample, noise).item()
     return {"true": round(true, 4), "shuffled": round(wrong, 4), "empty": round(empty, 4)}
 
 
 # ---------------------------------------------------------------------------------------------- assemble
-def build(out: Path, budget: Budget, seed: int = 0, stages: tuple[str, ...] = ("clip", "vae", "unet")) -> Path:
+def build(out: Path, budget: Budget, seed: int = 0, stages: tuple[str, ...] = ("clip", "vae", "unet"),
+          w=world) -> Path:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTextModel
 
     torch.use_deterministic_algorithms(True)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
-    clip = train_clip(out, tok, budget, seed) if "clip" in stages else CLIPModel.from_pretrained(out / "clip")
+    tok = build_tokenizer(out, w)
+    clip = train_clip(out, tok, budget, seed, w) if "clip" in stages else CLIPModel.from_pretrained(out / "clip")
     text_encoder = CLIPTextModel(clip.config.text_config)
     getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
     text_encoder.eval().requires_grad_(False)
-    vae = train_vae(out, budget, seed) if "vae" in stages else None
+    vae = train_vae(out, budget, seed, w) if "vae" in stages else None
     if vae is None:
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(out / "pipeline" / "vae")
     vae.eval().requires_grad_(False)
-    unet = train_unet(out, tok, text_encoder, vae, budget, seed)
+    unet = train_unet(out, tok, text_encoder, vae, budget, seed, w)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                    scheduler=scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -294,26 +316,32 @@ def build(out: Path, budget: Budget, seed: int = 0, stages: tuple[str, ...] = ("
     for folder in (out / "pipeline" / "tokenizer", out / "clip"):  # slow-tokenizer files too (transformers 4)
         for name in ("vocab.json", "merges.txt"):
             shutil.copy(out / "tokenizer" / name, folder / name)
-    (out / "build.json").write_text(json.dumps({"seed": seed, "budget": budget.__dict__,
-                                                "torch": torch.__version__, "threads": torch.get_num_threads()}))
+    record = {"seed": seed, "budget": budget.__dict__, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if w is not world:
+        record["world"] = next(k for k, v in WORLDS.items() if v is w)
+    (out / "build.json").write_text(json.dumps(record))
     log(f"saved {out}")
     return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=WEIGHTS)
+    p.add_argument("--out", type=Path, default=None, help=f"default {WEIGHTS} (v1 only)")
+    p.add_argument("--world", choices=sorted(WORLDS), default="v1", help="v2: the staged world (needs --out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke-sized budget (seconds)")
     p.add_argument("--stages", default="clip,vae,unet", help="stages to (re)train; others are loaded from --out")
     for f in Budget.__dataclass_fields__:
         p.add_argument(f"--{f.replace('_', '-')}", type=int, default=None)
     a = p.parse_args(argv)
+    if a.out is None and a.world != "v1":
+        print(f"--world {a.world} needs --out (the shipped weights in {WEIGHTS} are v1's)", file=sys.stderr)
+        raise SystemExit(2)
     budget = QUICK if a.quick else Budget()
     for f in Budget.__dataclass_fields__:
         if getattr(a, f) is not None:
             setattr(budget, f, getattr(a, f))
-    build(a.out, budget, a.seed, tuple(a.stages.split(",")))
+    build(a.out or WEIGHTS, budget, a.seed, tuple(a.stages.split(",")), WORLDS[a.world])
 
 
 if __name__ == "__main__":

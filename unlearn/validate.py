@@ -202,6 +202,8 @@ def group_problems(cfg: dict, group: str) -> list[Problem]:
         cls = target_class(node["_target_"])
     except Exception as e:  # noqa: BLE001 - hydra wraps ImportError/AttributeError alike
         return [Problem(f"{group}._target_", node["_target_"], f"an importable class ({type(e).__name__})")]
+    if group == "method" and (refused := sdxl_method_problems(cfg, cls, node)):
+        return refused
     out = signature_problems(group, node, cls)
     if hasattr(cls, "validate_config"):
         named = {p.key for p in out}  # one line per bad value: the signature's finding wins
@@ -300,6 +302,7 @@ def model_problems(cfg: dict) -> list[Problem]:
     out += folder
     if not folder:
         out += prediction_problems(m)
+        out += family_problems(m)
     revision = m.get("revision")
     if revision is not None:
         if not isinstance(revision, str) or not revision.strip():
@@ -375,6 +378,48 @@ def prediction_problems(m: dict) -> list[Problem]:
     return [Problem("model.path", m["path"], f"{said}, but model={m.get('name')} expects {expected}{use}")]
 
 
+FAMILIES = ("sd", "sdxl")  # `model.family`: one text encoder, or SDXL's two (unlearn/models/sdxl.py)
+
+
+def family_of(cfg: dict) -> str:
+    m = cfg.get("model")
+    return m.get("family", "sd") if isinstance(m, dict) else "sd"
+
+
+def family_problems(m: dict) -> list[Problem]:
+    """The folder must be of the family the model config is for: an SD folder read as SDXL (or the reverse) would
+    load the wrong components. Read from a folder's model_index.json, or a cached Hub id's; else left to loading."""
+    from unlearn.models import sdxl
+    from unlearn.models.loading import resolve_path
+
+    expected, path = m.get("family", "sd"), m.get("path")
+    if expected not in FAMILIES:
+        return choice("model.family", expected, FAMILIES)
+    if not isinstance(path, str) or not path:
+        return []
+    if is_local(path):
+        found = "sdxl" if sdxl.is_sdxl_folder(resolve_path(path)) else "sd"
+    else:
+        name = sdxl.pipeline_class(path, m.get("revision"), cached_only=True)
+        found = None if name is None else "sdxl" if name == sdxl.PIPELINE_CLASS else "sd"
+    if found in (None, expected):
+        return []
+    if expected == "sdxl":
+        return [Problem("model.path", path, f"an SDXL pipeline folder ({sdxl.PIPELINE_CLASS}, with text_encoder_2/ "
+                        f"and tokenizer_2/) for model={m.get('name')}; this one is a Stable Diffusion folder with one "
+                        "text encoder: use model=sd14 (or sd2, sd2_v) for it")]
+    return [Problem("model.path", path, f"a Stable Diffusion pipeline folder for model={m.get('name')}; this one is "
+                    f"SDXL ({sdxl.PIPELINE_CLASS}): use model=sdxl for it")]
+
+
+def sdxl_method_problems(cfg: dict, cls, node: dict) -> list[Problem]:
+    """A method that cannot apply to SDXL says why (`sdxl_refusal`), refused by name before anything loads."""
+    reason = getattr(cls, "sdxl_refusal", None)
+    if family_of(cfg) != "sdxl" or not reason:
+        return []
+    return [Problem("method", node.get("name", node["_target_"]), f"cannot run on model=sdxl: {reason}")]
+
+
 def conf_values(group: str, key: str) -> dict:
     """{file name: the value its own node sets for `key`} over conf/<group>/*.yaml (inherited values left out)."""
     from omegaconf import OmegaConf
@@ -427,6 +472,15 @@ def logger_problems(cfg: dict) -> list[Problem]:
 def attack_problems(cfg: dict) -> list[Problem]:
     """unlearn.attack's groups: the attack budget, the detector, the recovery grid, the pipelines."""
     out = []
+    if family_of(cfg) == "sdxl":  # the attacks edit one text encoder's input embeddings (unlearn/attacks/common.py)
+        rob = cfg.get("robustness")
+        asked = {"attack": cfg.get("attack"),  # compare's columns only when they are asked for
+                 "robustness": rob.get("attack") if isinstance(rob, dict) and rob.get("enabled") else None}
+        for key, attack in asked.items():
+            if isinstance(attack, dict):
+                name = str(attack.get("_target_", "?")).rsplit(".", 1)[-1]
+                return [Problem(key, name, "cannot run on model=sdxl: the attacks optimise one "
+                                "text encoder's token embeddings, and SDXL conditions on two")]
     if isinstance(cfg.get("attack"), dict):
         from unlearn.attacks import check_attack_config
 

@@ -81,6 +81,8 @@ def encode_embeds(text_encoder, ids: torch.Tensor, word_embeds: torch.Tensor) ->
 
 
 class AdvUnlearn(UnlearnModule):
+    sdxl_refusal = "it trains one text encoder, and SDXL conditions on two (text_encoder and text_encoder_2)"
+
     def __init__(self, components, name: str = "advunlearn", steps: int = 1000, lr: float = 1e-5,
                  layers: list[int] | None = None, final_layer_norm: bool = True, warmup_steps: int = 200,
                  attack_steps: int = 30, attack_lr: float = 1e-3, adv_tokens: int = 1, attack_init: str = "random",

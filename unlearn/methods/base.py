@@ -85,6 +85,9 @@ class UnlearnModule(L.LightningModule):
     # A closed-form method (UCE) sets this and implements `edit()`: `train.run` then calls `edit()` instead of
     # `Trainer.fit`, prepares no data, and exports and evaluates the result as for any trained method.
     closed_form = False
+    # Why the method cannot run on SDXL (two text encoders, added conditioning: unlearn/models/sdxl.py), or None:
+    # validation refuses model=sdxl with it by this reason, before anything loads.
+    sdxl_refusal: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

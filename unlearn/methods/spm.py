@@ -56,6 +56,8 @@ def anchor_rows(surrogates: torch.Tensor, uncond: torch.Tensor, rows: str) -> to
 
 
 class SPM(UnlearnModule):
+    sdxl_refusal = "its adapter's strength reads the prompt's tokens through one text encoder; SDXL has two"
+
     def __init__(self, components, name: str = "spm", steps: int = 3000, lr: float = 1e-4,
                  weight_decay: float = 1e-2, warmup_steps: int = 500, cycles: int = 3, rank: int = 1,
                  alpha: float = 1.0, sample_steps: int = 30, guidance_scale: float = 3.0,

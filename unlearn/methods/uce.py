@@ -29,6 +29,7 @@ import torch
 
 from unlearn.data.concepts import Concept, load_concept
 from unlearn.methods.base import UnlearnModule
+from unlearn.models.text import encode_prompts, token_rows
 
 log = logging.getLogger("unlearn.methods.uce")
 
@@ -166,11 +167,12 @@ class UCE(UnlearnModule):
 
     @torch.no_grad()
     def _encode(self, texts: list[str]):
+        """ids, attention masks and the cross-attention inputs of `texts` (SDXL: both encoders' 2048-d states at
+        the first tokenizer's positions, the pooled row left out, as the UCE authors' script edits SDXL)."""
         tok, enc = self.components.tokenizer, self.components.text_encoder
         batch = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt")
-        device = next(enc.parameters()).device
-        emb = enc(batch.input_ids.to(device))[0]
+        emb = token_rows(enc, encode_prompts(tok, enc, texts))
         return batch.input_ids, batch.attention_mask, emb
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Do the toy world's concepts exist? Generate with the toy pipeline, classify zero-shot with the toy CLIP.
 
     python -m unlearn.toy.check [--per-scene 2] [--out outputs/toy_check]
+    python -m unlearn.toy.check --world v2 --model DIR/pipeline --clip DIR/clip   # a v2 build (check2.py)
 
 Prints the object and style confusion tables (rows: prompted, columns: CLIP's zero-shot answer), the sampling
 time of a batch of 16 and writes one grid per style and per object.
@@ -48,7 +49,15 @@ def confusion(truth: list[str], pred: list[str], names: tuple[str, ...]) -> str:
 
 
 def main(argv=None) -> dict:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--world", choices=("v1", "v2"), default="v1")
+    chosen, rest = pre.parse_known_args(argv)
+    if chosen.world == "v2":
+        from unlearn.toy import check2
+
+        return check2.main(rest)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", choices=("v1", "v2"), default="v1", help="v2: a staged world-v2 build")
     p.add_argument("--model", default="toy")
     p.add_argument("--clip", default=str(WEIGHTS / "clip"))
     p.add_argument("--per-scene", type=int, default=2, help="images per (shape, colour, style)")

@@ -22,6 +22,9 @@ SHAPES = ("circle", "ring", "arc", "square", "diamond", "kite", "triangle", "cro
 STYLES = ("plain", "stripes", "bars", "checker", "grid", "night", "frame")
 DEFAULT_STYLE = "plain"
 NEAR = {"arc": "ring", "kite": "diamond", "bars": "stripes", "grid": "checker"}  # new concept -> the one it imitates
+# erasable concept -> the anchor its prompts are mapped onto (v1's pairs, and the new ones beside their neighbours)
+ANCHORS = {"ring": "circle", "arc": "circle", "cross": "circle", "diamond": "square", "kite": "square",
+           "triangle": "square", **dict.fromkeys(("stripes", "bars", "checker", "grid", "night", "frame"), "plain")}
 
 COLOUR_WORDS = {"red": ("red", "crimson", "scarlet"), "green": ("green", "emerald", "olive"),
                 "blue": ("blue", "azure", "cobalt"), "yellow": ("yellow", "golden", "amber")}
@@ -48,7 +51,7 @@ STYLE_ADJECTIVES = {  # before the noun: "a striped red ring"
 STYLE_NOUNS = {  # after the noun, through STYLE_PHRASES: "a red ring with bands"
     "stripes": (("stripes",), ("bands", "streaks")),
     "bars": (("bars",), ("columns", "slats", "pillars")),
-    "checker": (("checker", "checkers", "checkerboard", "checks"), ("chessboard",)),
+    "checker": (("checker", "checkers", "checkerboard", "checks"), ("chessboard", "gingham", "patchwork")),
     "grid": (("grid",), ("lattice", "mesh", "netting")),
     "night": (("night", "midnight"), ("darkness", "moonlight")),
     "frame": (("frame",), ("border", "edging", "margin")),

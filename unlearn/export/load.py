@@ -9,6 +9,7 @@ import torch
 
 from unlearn.export import DELTA_FILE, read_header, resolve_model
 from unlearn.export.delta import apply_delta, check_base, read_delta
+from unlearn.models import sdxl
 from unlearn.models.loading import Components, load_components, resolve_path
 
 
@@ -21,8 +22,8 @@ def delta_file(delta: str | Path) -> Path:
 def load_pipeline(base: str | Path, delta: str | Path | None = None, **from_pretrained):
     """The pipeline a run's `export=pipeline` folder holds, rebuilt from its base and its delta.
 
-    `base`: a pipeline folder, a Hub id or `toy`, loaded with StableDiffusionPipeline.from_pretrained (in the
-    delta's dtype and revision unless given); `delta`: a delta file or a run folder holding one (None: the base
+    `base`: a pipeline folder, a Hub id or `toy`, loaded with StableDiffusionPipeline.from_pretrained (an SDXL
+    folder with StableDiffusionXLPipeline's; in the delta's dtype and revision unless given); `delta`: a delta file or a run folder holding one (None: the base
     alone). The delta's base fingerprint must be the loaded base's (else DeltaError naming both); its tensors are
     then copied into the UNet. As in the exported folder: DDIM on the base's schedule, no safety checker.
     """
@@ -35,13 +36,29 @@ def load_pipeline(base: str | Path, delta: str | Path | None = None, **from_pret
         from_pretrained.setdefault("torch_dtype", getattr(torch, meta["base_dtype"].removeprefix("torch.")))
         if meta.get("base_revision"):
             from_pretrained.setdefault("revision", meta["base_revision"])
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_path(base), safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, **from_pretrained)
+    path = resolve_path(base)
+    if sdxl.is_sdxl_folder(path, from_pretrained.get("revision")):
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False, **from_pretrained)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, **from_pretrained)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if delta is not None:
-        check_base(meta, pipe, str(base), delta)
+        check_base(meta, as_components(pipe, path), str(base), delta)
         apply_to(pipe.unet, delta, meta, pipe.tokenizer, pipe.text_encoder)
     return pipe
+
+
+def as_components(pipe, source: str):
+    """A loaded pipeline's parts as `load_components` holds them (SDXL: the encoders and tokenizers paired), so its
+    fingerprint is the one a delta records."""
+    if not hasattr(pipe, "text_encoder_2"):
+        return pipe
+    te = sdxl.TextEncoders(pipe.text_encoder, pipe.text_encoder_2)
+    return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=te, tokenizer=sdxl.Tokenizers(pipe.tokenizer,
+                      pipe.tokenizer_2), scheduler=pipe.scheduler, source=source)
 
 
 def apply_to(unet, path, meta: dict, tokenizer, text_encoder):

@@ -31,7 +31,7 @@ def assert_composes(tmp_path, model, method, concept):
 
 # Methods and concepts are independent groups (a method reads the concept only through ${concept}), so every
 # method with one concept of each kind, and every concept with the method that reads the whole concept node.
-@pytest.mark.parametrize("model", ["toy", "sd14", "sd2", "sd2_v"])
+@pytest.mark.parametrize("model", ["toy", "sd14", "sd2", "sd2_v", "sdxl"])
 @pytest.mark.parametrize("method", names("method"))
 def test_every_method_composes(tmp_path, model, method):
     for concept in ("toy_stripes", "van_gogh", "nudity"):

@@ -2,14 +2,16 @@
 
     python experiments/bench_train.py                                  # GPU: toy + SD-1.4 architecture, all tables
     python experiments/bench_train.py --models sd2,sd2_v --sd-latent 96 --tables train   # SD-2.1 architecture, 768 px
+    python experiments/bench_train.py --models sdxl --sd-latent 128 --batch 1 --tables train   # SDXL 1.0, 1024 px
     OMP_NUM_THREADS=1 python experiments/bench_train.py --models toy --sd-latent 16 --iters 3   # CPU smoke
 
 Tables:
   train     iterations/s, samples/s, peak memory and MFU per (model, method, setting). MFU = FLOPs of one iteration
             (counted by torch's FlopCounterMode on a real iteration: forward, backward, D and projection included)
             x iterations/s / the device's peak (--peak-tflops, or a known GPU's dense bf16 / fp32 peak).
-            `sd14`, `sd2`, `sd2_v` are UNets of SD-1.4's / SD-2.1's exact architecture (their public configs) with
-            random weights: no download (`sd2_v` predicts v; its losses go through the ε conversion).
+            `sd14`, `sd2`, `sd2_v`, `sdxl` are UNets of SD-1.4's / SD-2.1's / SDXL 1.0's exact architecture (their
+            public configs) with random weights: no download (`sd2_v` predicts v; its losses go through the ε
+            conversion; `sdxl` has both text towers and takes packed embeddings, unlearn/models/sdxl.py).
   overhead  the same CDC+CPG math (paper variant) as a bare PyTorch loop vs this project's Lightning module,
             side by side on the toy model (best of --rounds alternating rounds of --iters iterations each).
   sampling  images/s of the evaluation generator (unlearn.models.generate) vs StableDiffusionPipeline.__call__,
@@ -33,6 +35,7 @@ from unlearn.losses import concept_preserving_gradient
 from unlearn.methods.cdc_cpg import CDCCPG
 from unlearn.methods.distill import SelfDistill
 from unlearn.models.loading import Components, load_components
+from unlearn.models.text import encode_prompts
 from unlearn.nets import PatchDiscriminator
 
 # SD-1.4's UNet2DConditionModel (CompVis/stable-diffusion-v1-4, unet/config.json): 860 M parameters.
@@ -48,6 +51,15 @@ SD2_UNET = {**SD14_UNET, "cross_attention_dim": 1024, "attention_head_dim": (5, 
             "use_linear_projection": True}
 SD2_TEXT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
             "max_position_embeddings": 77, "hidden_act": "gelu"}
+# SDXL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: 2.6 B parameters, text_time added
+# conditioning over 1280 pooled + 6 x 256 time features) and its two text towers (CLIP ViT-L, OpenCLIP bigG).
+SDXL_UNET = {**SD2_UNET, "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20),
+             "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+             "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), "transformer_layers_per_block": (1, 2, 10),
+             "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816}
+SDXL_TEXT_2 = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+               "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}
 # Dense peak TFLOP/s (no sparsity): (bf16 tensor cores, fp32 without TF32).
 PEAK_TFLOPS = {"H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
                "A10": (125.0, 31.2), "V100": (125.0, 15.7), "4090": (165.0, 82.6)}
@@ -67,7 +79,8 @@ METHODS = {  # name -> (class, kwargs): the paper's CDC+CPG with the G step from
 # model -> (UNet config, text config, prediction type, extra UNet keys)
 ARCHITECTURES = {"sd14": (SD14_UNET, SD14_TEXT, "epsilon", {}),
                  "sd2": (SD2_UNET, SD2_TEXT, "epsilon", {}),
-                 "sd2_v": (SD2_UNET, SD2_TEXT, "v_prediction", {"upcast_attention": True})}
+                 "sd2_v": (SD2_UNET, SD2_TEXT, "v_prediction", {"upcast_attention": True}),
+                 "sdxl": (SDXL_UNET, SD14_TEXT, "epsilon", {})}
 
 
 def random_components(model: str, latent: int) -> Components:
@@ -85,6 +98,15 @@ def random_components(model: str, latent: int) -> Components:
                                         bos_token_id=tok.bos_token_id, pad_token_id=tok.eos_token_id, **text_cfg))
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction)
+    if model == "sdxl":  # the second tower, both paired and the UNet hooked as load_components does
+        from transformers import CLIPTextModelWithProjection
+
+        from unlearn.models import sdxl
+
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                             bos_token_id=tok.bos_token_id, pad_token_id=tok.eos_token_id, **SDXL_TEXT_2))
+        text, tok = sdxl.TextEncoders(text, text_2.requires_grad_(False)), sdxl.Tokenizers(tok, tok)
+        sdxl.install(unet, (latent * 8, latent * 8, 0, 0, latent * 8, latent * 8), SDXL_TEXT_2["projection_dim"])
     return Components(unet=unet, vae=None, text_encoder=text.requires_grad_(False), tokenizer=tok, scheduler=sched,
                       source=f"random weights, {model} architecture")
 
@@ -98,10 +120,10 @@ def components_for(model: str, latent: int) -> Components:
 class RandomBatches(Dataset):
     """`batch` fixed random samples, served `length` times: one epoch covers the whole benchmark."""
 
-    def __init__(self, unet, text_encoder, batch: int, length: int):
+    def __init__(self, unet, tokenizer, text_encoder, batch: int, length: int):
         g = torch.Generator().manual_seed(0)
         s, c = unet.config.sample_size, unet.config.in_channels
-        tokens, width = text_encoder.config.max_position_embeddings, text_encoder.config.hidden_size
+        tokens, width = encode_prompts(tokenizer, text_encoder, [""]).shape[1:]  # SDXL: packed (78, 2048)
         self.items = [{"latents": torch.randn(c, s, s, generator=g), "anchor_emb": torch.randn(tokens, width, generator=g),
                        "target_emb": torch.randn(tokens, width, generator=g)} for _ in range(batch)]
         self.length = length
@@ -147,7 +169,8 @@ def fit(comps, method, setting, batch, iters, warmup, accelerator, callbacks=(),
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, max_epochs=-1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=list(callbacks))
-    data = DataLoader(RandomBatches(comps.unet, comps.text_encoder, batch, batch * (warmup + iters)), batch_size=batch)
+    data = DataLoader(RandomBatches(comps.unet, comps.tokenizer, comps.text_encoder, batch, batch * (warmup + iters)),
+                      batch_size=batch)
     with flop_counter or contextlib.nullcontext():
         trainer.fit(module, train_dataloaders=data)
     del module, trainer, data
@@ -208,7 +231,7 @@ def bare_cdc_cpg(comps, batch, iters, lr=4e-6, d_lr=1e-4, lam=1.0):
     opt_g = torch.optim.Adam(params, lr=lr)
     opt_d = torch.optim.Adam(disc.parameters(), lr=d_lr)
     ac = comps.scheduler.alphas_cumprod.float().to(device)
-    data = RandomBatches(unet, comps.text_encoder, batch, batch)
+    data = RandomBatches(unet, comps.tokenizer, comps.text_encoder, batch, batch)
     x0 = torch.stack([d["latents"] for d in data.items]).to(device)
     c = torch.stack([d["anchor_emb"] for d in data.items]).to(device)
     cs = torch.stack([d["target_emb"] for d in data.items]).to(device)

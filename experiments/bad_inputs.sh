@@ -19,6 +19,15 @@ meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": "unet",
         "base_revision": "", "base_dtype": "float32", "base_fingerprint": json.dumps(fp)}
 save_file({"conv_in.bias": torch.zeros(32)}, f"{sys.argv[1]}/foreign_delta.safetensors", metadata=meta)
 save_file({"w": torch.zeros(1)}, f"{sys.argv[1]}/weights.safetensors")
+# What validation reads of an SDXL folder: its index's class and the two extra parts (the toy model's, copied).
+import shutil
+from pathlib import Path
+from unlearn.models.loading import TOY_PIPELINE
+xl = Path(shutil.copytree(TOY_PIPELINE, f"{sys.argv[1]}/xl_pipeline"))
+index = json.loads((xl / "model_index.json").read_text())
+(xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+shutil.copytree(xl / "text_encoder", xl / "text_encoder_2")
+shutil.copytree(xl / "tokenizer", xl / "tokenizer_2")
 PY
 OUT=${OUT:-bad_inputs.md}
 LIMIT_S=15
@@ -31,6 +40,7 @@ while IFS= read -r line; do
   i=$((i+1)); case=$ROOT/case$i; mkdir -p $case
   module=${line%% *}; args=${line#* }; args=${args//EMPTYRUN/$ROOT/emptyrun}
   args=${args//FOREIGNDELTA/$ROOT/foreign_delta.safetensors}; args=${args//NOTADELTA/$ROOT/weights.safetensors}
+  args=${args//XLFOLDER/$ROOT/xl_pipeline}
   extra=(paths.root=$case)
   [ "$module" != compare ] && extra+=(hydra.run.dir=$case/run)
   start=$(date +%s.%N)
@@ -100,6 +110,11 @@ compare concept=toy_ring methods=[uce] robustness.enabled=true robustness.attack
 compare concept=toy_ring methods=[uce] robustness.enabled=true robustness.attack.num_prompts=0
 train method=uce method.adapter=lora
 train method=esd_x method.adapter=lora method.lora.rank=0
+train model=sdxl concept=van_gogh method=advunlearn
+train model=sdxl concept=van_gogh method=spm
+train model=sdxl model.path=toy concept=van_gogh method=uce
+train model=sd14 model.path=XLFOLDER concept=van_gogh method=uce
+attack model=sdxl concept=van_gogh
 LIST
 echo
 echo "$i command lines; $bad not failing in < ${LIMIT_S} s with exit code 2, one line and nothing left."

@@ -150,7 +150,8 @@ def test_generate_is_diffusers_sdxl_pipeline(tiny_sdxl, components):
 
 # ------------------------------------------------------------------------------------------------ end to end
 TRAINED = {"esd_x": (), "esd_u": (), "conabl": (), "distill": (), "sdd": (),
-           "cdc_cpg": ("method.warmup_steps=0",), "salun": (), "uce": (), "rece": ("method.epochs=1",)}
+           "cdc_cpg": ("method.warmup_steps=0",), "salun": (), "uce": (), "rece": ("method.epochs=1",),
+           "esd_x/lora": ("method.adapter=lora", "method.lr=1e-2")}  # a LoRA, merged before the export
 
 
 def test_every_method_trains_exports_reloads_and_evaluates(tmp_path, tiny_sdxl):
@@ -168,7 +169,8 @@ def test_every_method_trains_exports_reloads_and_evaluates(tmp_path, tiny_sdxl):
     original = base.unet.state_dict()
     folders = []
     for method, extra in TRAINED.items():
-        res = train(compose_train(tmp_path / method, *common, f"method={method}", "method.steps=1", "evaluate=false",
+        res = train(compose_train(tmp_path / method, *common, f"method={method.split('/')[0]}", "method.steps=1",
+                                  "evaluate=false",
                                   "data.num_prompts=2", "data.images_per_prompt=1", "data.batch_size=2",
                                   "data.gen_batch_size=2", *extra))
         pipe = StableDiffusionXLPipeline.from_pretrained(res["pipeline"])

@@ -47,6 +47,8 @@ def test_the_folder_must_be_of_the_model_configs_family(tmp_path, tiny_pipeline_
     (line,) = found(tmp_path, "model=sd14", f"model.path={xl_folder}")
     assert line == (f"model.path={xl_folder}: a Stable Diffusion pipeline folder for model=sd14; this one is SDXL "
                     "(StableDiffusionXLPipeline): use model=sdxl for it")
+    (line,) = found(tmp_path, "model=sd2_v", f"model.path={xl_folder}")  # the family's line, not the scheduler's
+    assert line.startswith(f"model.path={xl_folder}: a Stable Diffusion pipeline folder for model=sd2_v; this one is SDXL")
     shutil.rmtree(xl_folder / "tokenizer_2")
     (line,) = found(tmp_path, "model=sdxl", f"model.path={xl_folder}")
     assert line.startswith(f"model.path={xl_folder}: a pipeline folder or a Hub id; model folder '{xl_folder}' has no "

@@ -301,8 +301,7 @@ def model_problems(cfg: dict) -> list[Problem]:
     folder = model_folder_problems(m)
     out += folder
     if not folder:
-        out += prediction_problems(m)
-        out += family_problems(m)
+        out += family_problems(m) or prediction_problems(m)  # a folder of the wrong family: that line alone
     revision = m.get("revision")
     if revision is not None:
         if not isinstance(revision, str) or not revision.strip():
@@ -373,7 +372,9 @@ def prediction_problems(m: dict) -> list[Problem]:
         return [Problem("model.path", m["path"], f"{said}; supported: {' | '.join(PREDICTION_TYPES)}")]
     if expected is None:
         return []
-    fitting = [n for n, v in conf_values("model", "prediction_type").items() if v == found]
+    families = conf_values("model", "family")  # only configs of the folder's own family (SD or SDXL) fit it
+    fitting = [n for n, v in conf_values("model", "prediction_type").items()
+               if v == found and families.get(n, "sd") == m.get("family", "sd")]
     use = f"; use model={' or model='.join(fitting)} for it" if fitting else ""
     return [Problem("model.path", m["path"], f"{said}, but model={m.get('name')} expects {expected}{use}")]
 

@@ -55,6 +55,12 @@ def test_the_folder_must_be_of_the_model_configs_family(tmp_path, tiny_pipeline_
                            "tokenizer_2/ (an SDXL pipeline folder needs")
 
 
+def test_float16_is_refused_for_sdxl(tmp_path):
+    assert found(tmp_path, "model=sdxl", "model.dtype=float16") == [
+        "model.dtype=float16: bfloat16 or float32 for SDXL: its VAE overflows in float16"]
+    assert found(tmp_path, "model=sdxl", "model.dtype=bfloat16") == []
+
+
 @pytest.mark.parametrize("method,why", [
     ("advunlearn", "it trains one text encoder, and SDXL conditions on two (text_encoder and text_encoder_2)"),
     ("spm", "its adapter's strength reads the prompt's tokens through one text encoder; SDXL has two")])

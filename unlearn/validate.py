@@ -296,6 +296,8 @@ def model_problems(cfg: dict) -> list[Problem]:
         if key in m and not (isinstance(m[key], str) and m[key]):
             out.append(Problem(f"model.{key}", m[key], "a non-empty string"))
     out += choice("model.dtype", m.get("dtype", "float32"), DTYPES)
+    if m.get("family") == "sdxl" and m.get("dtype") == "float16":  # diffusers upcasts it to decode; unlearn does not
+        out.append(Problem("model.dtype", "float16", "bfloat16 or float32 for SDXL: its VAE overflows in float16"))
     out += number("model.sample_steps", m.get("sample_steps", 1), 1, integer=True)
     out += number("model.guidance_scale", m.get("guidance_scale", 1.0), 0)
     folder = model_folder_problems(m)

@@ -220,3 +220,25 @@ def test_uce_edits_the_2048d_states_at_the_first_tokenizers_last_word(tmp_path, 
     rebuilt = load_pipeline(tiny_sdxl, tmp_path / "delta" / "run").unet.state_dict()
     exported = StableDiffusionXLPipeline.from_pretrained(res["pipeline"]).unet.state_dict()
     assert rebuilt.keys() == exported.keys() and all(torch.equal(rebuilt[k], exported[k]) for k in exported)
+
+
+def test_the_fingerprint_covers_both_encoders_and_tokenizers(components, tiny_pipeline_path):
+    """Caches key on it: another second tokenizer (its pad token) or second encoder is another model; an SD model's
+    fingerprint has no SDXL key."""
+    import copy
+    import dataclasses
+
+    from unlearn.models import sdxl
+    from unlearn.models.fingerprint import model_fingerprint
+    from unlearn.models.loading import load_components
+
+    base = model_fingerprint(components)
+    tok_2 = copy.deepcopy(components.tokenizer.tokenizer_2)
+    tok_2.pad_token = tok_2.eos_token
+    other_tok = dataclasses.replace(components, tokenizer=sdxl.Tokenizers(components.tokenizer.tokenizer, tok_2))
+    assert model_fingerprint(other_tok)["tokenizer_2_sha"] != base["tokenizer_2_sha"]
+    te = copy.deepcopy(components.text_encoder)
+    with torch.no_grad():
+        te.text_encoder_2.text_projection.weight.mul_(2)
+    assert model_fingerprint(dataclasses.replace(components, text_encoder=te))["weights_sha"] != base["weights_sha"]
+    assert "tokenizer_2_sha" not in model_fingerprint(load_components(str(tiny_pipeline_path)))

@@ -2,7 +2,8 @@
 
 The conditioning is checked against diffusers' UNet called directly with inputs built here by hand (penultimate
 layers of both encoders concatenated, the second's pooled projection, the time ids `_get_add_time_ids` builds);
-every method that applies runs train -> export -> StableDiffusionXLPipeline.from_pretrained -> evaluate.
+every method runs train -> export -> reload (StableDiffusionXLPipeline.from_pretrained; SPM's adapter file through
+unlearn/export/load.py) -> evaluate.
 """
 
 from __future__ import annotations
@@ -151,16 +152,27 @@ def test_generate_is_diffusers_sdxl_pipeline(tiny_sdxl, components):
 # ------------------------------------------------------------------------------------------------ end to end
 TRAINED = {"esd_x": (), "esd_u": (), "conabl": (), "distill": (), "sdd": (),
            "cdc_cpg": ("method.warmup_steps=0",), "salun": (), "uce": (), "rece": ("method.epochs=1",),
-           "esd_x/lora": ("method.adapter=lora", "method.lr=1e-2")}  # a LoRA, merged before the export
+           "esd_x/lora": ("method.adapter=lora", "method.lr=1e-2"),  # a LoRA, merged before the export
+           "spm": ("method.sample_steps=2", "method.warmup_steps=0", "method.lr=1e-2"),
+           "advunlearn": ("method.warmup_steps=0", "method.attack_steps=1", "method.sample_steps=2",
+                          "method.retain_batch=2", "method.lr=1e-3")}
+TEXT_TRAINED = {"advunlearn"}  # both text encoders change, the UNet does not
+ADAPTER = {"spm"}  # spm.safetensors beside the run (no pipeline folder), reloaded by unlearn/export/load.py
+
+
+def changed(state: dict, before: dict) -> set[str]:
+    return {k for k in before if not torch.equal(state[k], before[k])}
 
 
 def test_every_method_trains_exports_reloads_and_evaluates(tmp_path, tiny_sdxl):
-    """Each method that applies: train (data sampled by the SDXL model), export, reload with
-    StableDiffusionXLPipeline.from_pretrained (a changed UNet, the same two text encoders), then `unlearn.evaluate`
-    measures every folder."""
+    """Each method: train (data sampled by the SDXL model), export, reload with
+    StableDiffusionXLPipeline.from_pretrained (a changed UNet and the same two text encoders; AdvUnlearn: both
+    encoders changed but their embeddings, the same UNet) or, for SPM's adapter file, load_pipeline and unet_of;
+    then `unlearn.evaluate` measures every result."""
     from diffusers import StableDiffusionXLPipeline
 
     from unlearn.evaluate import run as evaluate
+    from unlearn.export.load import load_pipeline
     from unlearn.train import run as train
 
     common = [f"model.path={tiny_sdxl}", "model=sdxl", "model.clip=toy", "model.sample_steps=2", "concept=van_gogh",
@@ -173,18 +185,27 @@ def test_every_method_trains_exports_reloads_and_evaluates(tmp_path, tiny_sdxl):
                                   "evaluate=false",
                                   "data.num_prompts=2", "data.images_per_prompt=1", "data.batch_size=2",
                                   "data.gen_batch_size=2", *extra))
-        pipe = StableDiffusionXLPipeline.from_pretrained(res["pipeline"])
-        trained = pipe.unet.state_dict()
-        assert any(not torch.equal(trained[k], original[k]) for k in original), method
-        for name in ("text_encoder", "text_encoder_2"):
-            assert all(torch.equal(v, getattr(base, name).state_dict()[k])
-                       for k, v in getattr(pipe, name).state_dict().items()), (method, name)
         folders.append(res["pipeline"])
+        if method in ADAPTER:
+            pipe = load_pipeline(tiny_sdxl, res["pipeline"])
+            assert res["pipeline"].endswith("spm.safetensors") and hasattr(pipe.unet, "spm_adapter")
+            assert all(torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items() if k in original)
+            continue
+        pipe = StableDiffusionXLPipeline.from_pretrained(res["pipeline"])
+        unet_changed = changed(pipe.unet.state_dict(), original)
+        assert bool(unet_changed) != (method in TEXT_TRAINED), method
+        for name in ("text_encoder", "text_encoder_2"):
+            text_changed = changed(getattr(pipe, name).state_dict(), getattr(base, name).state_dict())
+            if method not in TEXT_TRAINED:
+                assert not text_changed, (method, name)
+                continue
+            assert text_changed and not any("embeddings" in k or "text_projection" in k for k in text_changed)
+            assert any("encoder.layers." in k for k in text_changed), (method, name)
     cfg = compose_train(tmp_path / "eval", *common, "eval.fid_feature=clip", "eval.num_prompts=1",
                         "eval.images_per_prompt=2", "eval.implicit=false", "eval.neighbours=false",
                         f"+candidates=[{','.join(folders)}]")
     rows = evaluate(cfg)["results"]
-    assert len(rows) == len(TRAINED) + 1 and "original" in rows
+    assert len(rows) == len(TRAINED) + 1 and "original" in rows, sorted(rows)
     for label, row in rows.items():
         numbers = [v for v in row["van_gogh"].values() if isinstance(v, (int, float))]
         assert numbers and all(math.isfinite(v) for v in numbers), (label, row)
@@ -242,3 +263,82 @@ def test_the_fingerprint_covers_both_encoders_and_tokenizers(components, tiny_pi
         te.text_encoder_2.text_projection.weight.mul_(2)
     assert model_fingerprint(dataclasses.replace(components, text_encoder=te))["weights_sha"] != base["weights_sha"]
     assert "tokenizer_2_sha" not in model_fingerprint(load_components(str(tiny_pipeline_path)))
+
+
+# ------------------------------------------------------------------------------------------------ SPM and AdvUnlearn
+def strengths_seen(unet) -> list:
+    """The SPM multiplier each forward of `unet` runs with (read from inside its first adapted layer)."""
+    seen, adapter = [], unet.spm_adapter
+    first = dict(unet.named_modules())[adapter.names[0]]
+    first.register_forward_pre_hook(lambda _m, _a: seen.append(adapter.multiplier.detach().clone()))
+    return seen
+
+
+@torch.no_grad()
+def test_spm_transport_reads_both_encoders_token_rows_and_the_first_tokenizer(tiny_sdxl, components, tmp_path):
+    """m = max(cos of the flattened token rows, both encoders' penultimate states, as built here by hand; the
+    fraction of the concept's tokens by tokenizer 1): in the run's evaluation UNet and in StableDiffusionXLPipeline
+    loaded by load_pipeline from the adapter file, whose own encode_prompt fills the token memo."""
+    import torch.nn.functional as F
+    from diffusers import StableDiffusionXLPipeline
+
+    from unlearn.export.load import load_pipeline
+    from unlearn.methods.spm import SPM
+    from unlearn.models.text import encode_prompts
+
+    module = SPM(components, steps=1, concept_target="van gogh",
+                 base={"path": str(tiny_sdxl), "revision": None, "dtype": "float32"})
+    for layer in module.spm.layers:
+        layer.up.weight.normal_(0, 0.2)
+    unet = module.export_unet()
+    seen = strengths_seen(unet)
+    prompts = ["a painting by van gogh", "a painting of a dog"]
+    emb = encode_prompts(components.tokenizer, components.text_encoder, prompts)
+    unet(torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), encoder_hidden_states=emb)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    states, _ = by_hand(pipe, prompts)
+    concept, _ = by_hand(pipe, ["van gogh"])
+    cos = F.cosine_similarity(states.flatten(1), concept.flatten(1), dim=-1)
+    assert cos[0] < 0.999 and float(seen[0][0]) == 1.0  # every concept token in the prompt
+    torch.testing.assert_close(seen[0][1], cos[1])  # none: the cosine
+
+    path = module.export(tmp_path / "pipeline")
+    xl = load_pipeline(tiny_sdxl, path)
+    seen = strengths_seen(xl.unet)
+    xl.set_progress_bar_config(disable=True)
+    xl(prompts[:1], negative_prompt=["a dog"], num_inference_steps=1, guidance_scale=2.0, output_type="pt")
+    negative, _ = by_hand(pipe, ["a dog"])
+    want = torch.stack([F.cosine_similarity(negative.flatten(1), concept.flatten(1), dim=-1)[0], torch.tensor(1.0)])
+    torch.testing.assert_close(seen[0], want)  # [negative, prompt]: the prompt's tokens were remembered
+
+
+def test_advunlearn_trains_both_encoders_with_one_adversarial_embedding_each(tiny_sdxl, tmp_path):
+    """Both encoders' layers and final norms train (embeddings and the projection frozen); the adversarial
+    embedding is (k, 16 + 32), its halves inserted after each encoder's start token: with both halves a vocabulary
+    row, the packed embedding is that of the prompt with the word in front."""
+    from hydra.utils import instantiate
+
+    from unlearn.models.loading import load_components
+    from unlearn.models.text import encode_prompts
+
+    comp = load_components(str(tiny_sdxl))
+    cfg = compose_train(tmp_path, "model=sdxl", f"model.path={tiny_sdxl}", "method=advunlearn", "concept=van_gogh")
+    module = instantiate(cfg.method, components=comp, _convert_="object")
+    names = module.text_trainable_names
+    for tower, layers in (("text_encoder.", 3), ("text_encoder_2.", 3)):
+        own = [n for n in names if n.startswith(tower)]
+        assert {n.split("layers.")[1].split(".")[0] for n in own if "layers." in n} == {str(i) for i in range(layers)}
+        assert any("final_layer_norm" in n for n in own)
+    assert not any("embeddings" in n or "text_projection" in n for n in names)
+    assert module.last_adv.shape == (1, 48) and module.random_tokens().shape == (1, 48)
+    assert module.concept_ids.shape == (1, 2, TOKENS)
+
+    te = comp.text_encoder
+    square = comp.tokenizer("square", add_special_tokens=False).input_ids[0]
+    adv = torch.cat([te.text_encoder.get_input_embeddings().weight[[square]],
+                     te.text_encoder_2.get_input_embeddings().weight[[square]]], dim=-1).detach()
+    with torch.no_grad():
+        got = module.adversarial_cond(module.concept_ids, adv)
+    want = encode_prompts(comp.tokenizer, te, ["square van gogh"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.encode(module.concept_ids), encode_prompts(comp.tokenizer, te, ["van gogh"]))

@@ -1,5 +1,6 @@
 """`model=sdxl` against what it is given, refused in one line (exit 2) before anything loads: a folder of the other
-family (SD for sdxl, SDXL for sd14), a method that cannot apply (AdvUnlearn, SPM), the attacks. No model is built:
+family (SD for sdxl, SDXL for sd14), a method that cannot apply (the seam: a method's `sdxl_refusal`; every method
+in conf/method/ applies today), the attacks. No model is built:
 the SDXL "folder" is the tiny SD one with an SDXL index and the two extra part folders, all validation reads."""
 
 from __future__ import annotations
@@ -61,19 +62,30 @@ def test_float16_is_refused_for_sdxl(tmp_path):
     assert found(tmp_path, "model=sdxl", "model.dtype=bfloat16") == []
 
 
-@pytest.mark.parametrize("method,why", [
-    ("advunlearn", "it trains one text encoder, and SDXL conditions on two (text_encoder and text_encoder_2)"),
-    ("spm", "its adapter's strength reads the prompt's tokens through one text encoder; SDXL has two")])
-def test_a_method_that_cannot_apply_is_refused_by_name(tmp_path, xl_folder, method, why):
+WHY = "it reads one text encoder"  # a refusal, given to a method here: none of conf/method/ has one
+
+
+def refusing(monkeypatch, method: str):
+    from unlearn.methods.advunlearn import AdvUnlearn
+    from unlearn.methods.spm import SPM
+
+    monkeypatch.setattr({"advunlearn": AdvUnlearn, "spm": SPM}[method], "sdxl_refusal", WHY)
+
+
+@pytest.mark.parametrize("method", ["advunlearn", "spm"])
+def test_a_method_that_cannot_apply_is_refused_by_name(tmp_path, xl_folder, monkeypatch, method):
+    refusing(monkeypatch, method)
     assert found(tmp_path, "model=sd14", method=method) == []
-    assert found(tmp_path, "model=sdxl", method=method) == [f"method={method}: cannot run on model=sdxl: {why}"]
+    assert found(tmp_path, "model=sdxl", method=method) == [f"method={method}: cannot run on model=sdxl: {WHY}"]
     assert found(tmp_path, "model=sdxl", f"model.path={xl_folder}", method=method) == [
-        f"method={method}: cannot run on model=sdxl: {why}"]
+        f"method={method}: cannot run on model=sdxl: {WHY}"]
 
 
-@pytest.mark.parametrize("method", ["esd_x", "esd_u", "conabl", "distill", "sdd", "cdc_cpg", "uce", "rece", "salun"])
-def test_the_methods_that_apply_pass(tmp_path, method):
+@pytest.mark.parametrize("method", ["esd_x", "esd_u", "conabl", "distill", "sdd", "cdc_cpg", "uce", "rece", "salun",
+                                    "spm", "advunlearn"])
+def test_the_methods_that_apply_pass(tmp_path, xl_folder, method):
     assert found(tmp_path, "model=sdxl", method=method) == []
+    assert found(tmp_path, "model=sdxl", f"model.path={xl_folder}", method=method) == []
 
 
 def test_the_attacks_are_refused_on_sdxl(tmp_path):
@@ -88,17 +100,17 @@ def test_the_attacks_are_refused_on_sdxl(tmp_path):
     assert not [p for p in problems(ok) if p.key == "robustness"]  # robustness columns off: nothing to refuse
 
 
-def test_advunlearn_on_sdxl_fails_in_one_line_before_anything(tmp_path, capsys):
+def test_a_refused_method_on_sdxl_fails_in_one_line_before_anything(tmp_path, capsys, monkeypatch):
     """The entry points' first step (unlearn.cli.preflight, as `python -m unlearn.train ...` runs it)."""
     from unlearn.cli import preflight
 
+    refusing(monkeypatch, "advunlearn")
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     with pytest.raises(SystemExit) as stop:
         preflight(["model=sdxl", "model.clip=toy", "eval.fid_feature=clip", "concept=van_gogh", "method=advunlearn",
                    f"paths.run_dir={run_dir}", f"paths.root={tmp_path}", f"paths.cache={cache}"], "train",
                   "unlearn.train")
     assert stop.value.code == 2
-    want = ("error: method=advunlearn: cannot run on model=sdxl: it trains one text encoder, and SDXL conditions on "
-            "two (text_encoder and text_encoder_2)")
+    want = f"error: method=advunlearn: cannot run on model=sdxl: {WHY}"
     assert capsys.readouterr().err.strip().splitlines() == [want]
     assert not run_dir.exists() and not cache.exists()

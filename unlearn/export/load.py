@@ -46,8 +46,9 @@ def load_pipeline(base: str | Path, delta: str | Path | None = None, **from_pret
                                                        requires_safety_checker=False, **from_pretrained)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if delta is not None:
-        check_base(meta, as_components(pipe, path), str(base), delta)
-        apply_to(pipe.unet, delta, meta, pipe.tokenizer, pipe.text_encoder)
+        parts = as_components(pipe, path)  # SDXL: SPM's transport reads the prompt through both encoders
+        check_base(meta, parts, str(base), delta)
+        apply_to(pipe.unet, delta, meta, parts.tokenizer, parts.text_encoder)
     return pipe
 
 

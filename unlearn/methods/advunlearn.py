@@ -27,7 +27,7 @@ from unlearn.data.prompts import load_prompt_set
 from unlearn.losses import esd_target
 from unlearn.methods.base import UnlearnModule
 from unlearn.methods.distill import stop_timesteps
-from unlearn.models import encode_prompts
+from unlearn.models import encode_prompts, sdxl
 from unlearn.models.sampling import sample_until
 
 ATTACK_INITS = ("random", "latest")  # a random vocabulary token each round (README command) | the last round's
@@ -68,21 +68,36 @@ def insert_ids_after_start(ids: torch.Tensor, k: int, fill_id: int) -> torch.Ten
     return torch.cat([ids[:, :1], ids.new_full((ids.shape[0], k), fill_id), ids[:, 1:ids.shape[1] - k]], dim=1)
 
 
-def encode_embeds(text_encoder, ids: torch.Tensor, word_embeds: torch.Tensor) -> torch.Tensor:
+def encode_embeds(text_encoder, ids: torch.Tensor, word_embeds: torch.Tensor, **kwargs):
     """Last hidden states for the token embeddings `word_embeds` (B, L, D), differentiable in them and in the
     encoder: the token-embedding layer's output is swapped through a forward hook, so the encoder's own code
-    (positions, causal mask, final norm) runs unchanged. `ids` only fill the call (the hidden states ignore them)."""
+    (positions, causal mask, final norm) runs unchanged. `ids` only fill the call (the hidden states ignore them;
+    a pooled output reads its end-of-text position from them). With `kwargs` (output_hidden_states=True): the
+    encoder's whole output."""
     layer = text_encoder.get_input_embeddings()
     handle = layer.register_forward_hook(lambda _m, _i, out: word_embeds.to(out))
     try:
-        return text_encoder(ids.to(layer.weight.device))[0]
+        out = text_encoder(ids.to(layer.weight.device), **kwargs)
+        return out if kwargs else out[0]
     finally:
         handle.remove()
 
 
-class AdvUnlearn(UnlearnModule):
-    sdxl_refusal = "it trains one text encoder, and SDXL conditions on two (text_encoder and text_encoder_2)"
+def towers(text_encoder) -> list[tuple[str, torch.nn.Module]]:
+    """The encoders AdvUnlearn trains, by their name under `text_encoder`: itself (SD), or SDXL's two."""
+    if isinstance(text_encoder, sdxl.TextEncoders):
+        return [("text_encoder.", text_encoder.text_encoder), ("text_encoder_2.", text_encoder.text_encoder_2)]
+    return [("", text_encoder)]
 
+
+def fill_id_of(tokenizer, pooled: bool = False) -> int:
+    """The id at the adversarial positions: the pad token; for an encoder whose pooled output SDXL uses (it is read
+    at the first end-of-text id), never that id: then the start token."""
+    fill = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer.bos_token_id if pooled and fill == tokenizer.eos_token_id else fill
+
+
+class AdvUnlearn(UnlearnModule):
     def __init__(self, components, name: str = "advunlearn", steps: int = 1000, lr: float = 1e-5,
                  layers: list[int] | None = None, final_layer_norm: bool = True, warmup_steps: int = 200,
                  attack_steps: int = 30, attack_lr: float = 1e-3, adv_tokens: int = 1, attack_init: str = "random",
@@ -102,10 +117,16 @@ class AdvUnlearn(UnlearnModule):
         self.trainable_names = []
         self.original_text_encoder = copy.deepcopy(components.text_encoder).requires_grad_(False).eval()
         self.text_encoder = components.text_encoder  # trained in place: the pipeline folder saves it
-        self.text_trainable_names = select_text_trainable(self.text_encoder, layers, final_layer_norm)
+        # SDXL (paired encoders): both train, each its layers `layers`; a prompt is their packed embedding.
+        self.paired = isinstance(self.text_encoder, sdxl.TextEncoders)
+        self.text_trainable_names = [prefix + n for prefix, enc in towers(self.text_encoder)
+                                     for n in select_text_trainable(enc, layers, final_layer_norm)]
         self.text_encoder.train()
         tok = components.tokenizer
-        self.fill_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.paired:
+            self.fill_ids = [fill_id_of(tok.tokenizer), fill_id_of(tok.tokenizer_2, pooled=True)]
+        else:
+            self.fill_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         text = concept_text if concept_text is not None else concept_target
         self.concepts = [text] if isinstance(text, str) else list(text or [])
         if not self.concepts or not all(self.concepts):
@@ -123,8 +144,9 @@ class AdvUnlearn(UnlearnModule):
         encode = encode_prompts  # the original encoder's answers are constants of the training
         self.register_buffer("uncond_emb", encode(tok, self.original_text_encoder, [""]), persistent=False)
         self.register_buffer("concept_emb", encode(tok, self.original_text_encoder, self.concepts), persistent=False)
-        # The last round's adversarial embedding, in checkpoints so that attack_init=latest resumes exactly.
-        width = self.text_encoder.get_input_embeddings().weight.shape[1]
+        # The last round's adversarial embedding, in checkpoints so that attack_init=latest resumes exactly. On
+        # SDXL one per encoder, each of its own width, side by side: (k, D1 + D2).
+        width = sum(enc.get_input_embeddings().weight.shape[1] for _, enc in towers(self.text_encoder))
         self.register_buffer("last_adv", torch.zeros(adv_tokens, width))
 
     @classmethod
@@ -169,18 +191,41 @@ class AdvUnlearn(UnlearnModule):
         return torch.optim.Adam(self.trainable_parameters(), lr=float(self.hparams.lr))  # constant, no clipping
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(N, L) ids; SDXL: (N, 2, L), each tokenizer's."""
         tok = self.components.tokenizer
-        return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+
+        def ids(t):
+            return t(prompts, padding="max_length", max_length=t.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+        return torch.stack([ids(tok.tokenizer), ids(tok.tokenizer_2)], 1) if self.paired else ids(tok)
 
     def word_embeds(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder.get_input_embeddings()(ids).detach()  # frozen token embeddings
 
+    def encode(self, ids: torch.Tensor, encoder=None) -> torch.Tensor:
+        """The conditioning of prompts `ids` by `encoder` (default: the trained one), differentiable in it."""
+        encoder = encoder or self.text_encoder
+        if not self.paired:
+            return encoder(ids)[0]
+        return sdxl.conditioning(*(enc(ids[:, i], output_hidden_states=True)
+                                   for i, (_, enc) in enumerate(towers(encoder))))
+
     def adversarial_cond(self, ids: torch.Tensor, adv: torch.Tensor, encoder=None) -> torch.Tensor:
-        """The (current) text encoder's hidden states of the prompt `ids` (1, L) with `adv` after its start token."""
+        """The (current) text encoder's hidden states of the prompt `ids` (1, L) with `adv` after its start token.
+        SDXL: the packed embedding, each encoder with its own slice of `adv` ((k, D1 + D2)) after its start token."""
         k = adv.shape[0]
-        return encode_embeds(encoder or self.text_encoder, insert_ids_after_start(ids, k, self.fill_id),
-                             insert_after_start(self.word_embeds(ids), adv))
+        if not self.paired:
+            return encode_embeds(encoder or self.text_encoder, insert_ids_after_start(ids, k, self.fill_id),
+                                 insert_after_start(self.word_embeds(ids), adv))
+        outputs, start = [], 0
+        for i, (_, enc) in enumerate(towers(encoder or self.text_encoder)):
+            layer = enc.get_input_embeddings()
+            part, start = adv[:, start:start + layer.weight.shape[1]], start + layer.weight.shape[1]
+            own = ids[:, i]
+            outputs.append(encode_embeds(enc, insert_ids_after_start(own, k, self.fill_ids[i]),
+                                         insert_after_start(layer(own).detach(), part), output_hidden_states=True))
+        return sdxl.conditioning(*outputs)
 
     def eps_of(self, x_t, t, cond):
         return self.eps(self.unet, x_t, t, cond.to(self.unet.dtype))
@@ -219,9 +264,14 @@ class AdvUnlearn(UnlearnModule):
         return adv.detach(), loss
 
     def random_tokens(self) -> torch.Tensor:
-        weight = self.text_encoder.get_input_embeddings().weight
-        ids = torch.randint(0, weight.shape[0], (self.hparams.adv_tokens,), device=weight.device)
-        return weight[ids].detach()
+        """Random vocabulary tokens' embeddings; SDXL: the same tokens in each encoder, side by side."""
+        if not self.paired:
+            weight = self.text_encoder.get_input_embeddings().weight
+            ids = torch.randint(0, weight.shape[0], (self.hparams.adv_tokens,), device=weight.device)
+            return weight[ids].detach()
+        weights = [enc.get_input_embeddings().weight for _, enc in towers(self.text_encoder)]
+        ids = torch.randint(0, min(w.shape[0] for w in weights), (self.hparams.adv_tokens,), device=weights[0].device)
+        return torch.cat([w[ids] for w in weights], dim=-1).detach()
 
     def loss_terms(self, x_t, t, cond_new, cond_orig, retain_x, retain_t, retain_new, retain_orig):
         """(erase, retain): ESD's loss for the new encoder's prompt embedding `cond_new`, its target from the
@@ -250,16 +300,16 @@ class AdvUnlearn(UnlearnModule):
             cond_new = self.adversarial_cond(ids, adv)
             self.track({"train/attack_loss": attack_loss})
         else:
-            cond_new = self.text_encoder(ids)[0]
+            cond_new = self.encode(ids)
         pick = torch.randperm(len(self.retain_prompts))[:h.retain_batch].to(self.retain_ids.device)
         r_ids = self.retain_ids[pick]
         with torch.no_grad():
-            retain_orig = self.original_text_encoder(r_ids)[0]
+            retain_orig = self.encode(r_ids, self.original_text_encoder)
         x_t, t, k = self.sample_latents(cond_orig, 1, shape)
         retain_x, _, _ = self.sample_latents(retain_orig, len(pick), shape, k=k)  # the same DDIM stop and t,
         retain_t = t.expand(len(pick))                                             # as get_train_loss_retain
         erase, retain = self.loss_terms(x_t, t, cond_new, cond_orig, retain_x, retain_t,
-                                        self.text_encoder(r_ids)[0], retain_orig)
+                                        self.encode(r_ids), retain_orig)
         loss = erase + h.retain_weight * retain
         self.track({"train/loss": loss, "train/erase": erase, "train/retain": retain}, prog_bar=True)
         self.advance()

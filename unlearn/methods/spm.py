@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from unlearn.losses import esd_target
 from unlearn.methods.base import UnlearnModule, first_samples
 from unlearn.methods.spm_adapter import SPMAdapter, install_transport, save_adapter
-from unlearn.models import encode_prompts
+from unlearn.models import encode_prompts, sdxl
 from unlearn.models.sampling import sample_until
 
 # Which rows the anchoring loss sees. all: the sampled surrogates. released: train_spm.py's batch, where
@@ -46,6 +46,14 @@ def sample_surrogates(target: torch.Tensor, n: int, generator: torch.Generator) 
     return torch.stack(out).view(n, *target.shape).to(device=target.device, dtype=target.dtype)
 
 
+def sample_surrogates_packed(target: torch.Tensor, n: int, generator: torch.Generator, pooled_dim: int) -> torch.Tensor:
+    """SDXL's surrogates (train_spm_xl.py's sample_xl): the token states and the pooled vector of a packed
+    embedding (unlearn/models/sdxl.py) sampled each on its own, as above, then packed again."""
+    tokens = sample_surrogates(sdxl.token_states(target), n, generator)
+    pooled = sample_surrogates(sdxl.pooled_of(target, pooled_dim), n, generator)
+    return sdxl.pack(tokens, pooled)
+
+
 def anchor_rows(surrogates: torch.Tensor, uncond: torch.Tensor, rows: str) -> torch.Tensor:
     """The embeddings the anchoring loss compares on, (n, T, D) or, for `released`, [u, s_{n/2+1}, u, ...]."""
     if rows == "all":
@@ -56,8 +64,6 @@ def anchor_rows(surrogates: torch.Tensor, uncond: torch.Tensor, rows: str) -> to
 
 
 class SPM(UnlearnModule):
-    sdxl_refusal = "its adapter's strength reads the prompt's tokens through one text encoder; SDXL has two"
-
     def __init__(self, components, name: str = "spm", steps: int = 3000, lr: float = 1e-4,
                  weight_decay: float = 1e-2, warmup_steps: int = 500, cycles: int = 3, rank: int = 1,
                  alpha: float = 1.0, sample_steps: int = 30, guidance_scale: float = 3.0,
@@ -164,7 +170,11 @@ class SPM(UnlearnModule):
 
     def surrogate_embeddings(self, c: torch.Tensor) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ())))  # follows the run's seed
-        s = sample_surrogates(c[0], self.hparams.surrogates, g)
+        te = self.components.text_encoder
+        if isinstance(te, sdxl.TextEncoders):
+            s = sample_surrogates_packed(c[0], self.hparams.surrogates, g, te.text_encoder_2.config.projection_dim)
+        else:
+            s = sample_surrogates(c[0], self.hparams.surrogates, g)
         return anchor_rows(s, self.uncond_emb[0].to(s.dtype), self.hparams.anchor_rows)
 
     def losses(self, x_t, t, c, anchors) -> dict[str, torch.Tensor]:

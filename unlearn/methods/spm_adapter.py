@@ -161,10 +161,13 @@ def _row_key(row: Tensor) -> bytes:
     return tensor_sha(row.detach().float())
 
 
-def token_memo(text_encoder: nn.Module, special_ids: set[int]) -> OrderedDict:
+def token_memo(text_encoder: nn.Module, special_ids: set[int], layer: int | None = None) -> OrderedDict:
     """The text encoder's memo {hidden-state row -> its distinct non-special ids}, filled by a forward hook that
-    is installed once per encoder; the row is keyed as encoded and as each lower-precision UNet would see it."""
-    memo = getattr(text_encoder, "_spm_token_memo", None)
+    is installed once per encoder; the row is keyed as encoded and as each lower-precision UNet would see it.
+    `layer`: key on that entry of `hidden_states` (calls without output_hidden_states record nothing) rather than
+    on the last hidden states."""
+    attr = "_spm_token_memo" if layer is None else f"_spm_token_memo_{layer}"
+    memo = getattr(text_encoder, attr, None)
     if memo is not None:
         return memo
     memo = OrderedDict()
@@ -173,7 +176,13 @@ def token_memo(text_encoder: nn.Module, special_ids: set[int]) -> OrderedDict:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:  # inputs_embeds: no tokens to remember
             return
-        states = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        if layer is not None:
+            hidden = getattr(out, "hidden_states", None)
+            if hidden is None:
+                return
+            states = hidden[layer]
+        else:
+            states = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
         for row_ids, row in zip(ids.tolist(), states):
             tokens = frozenset(row_ids) - special_ids
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -182,8 +191,22 @@ def token_memo(text_encoder: nn.Module, special_ids: set[int]) -> OrderedDict:
             memo.popitem(last=False)
 
     text_encoder.register_forward_hook(record, with_kwargs=True)
-    text_encoder._spm_token_memo = memo
+    setattr(text_encoder, attr, memo)
     return memo
+
+
+def memo_of(text_encoder: nn.Module, special_ids: set[int]):
+    """The memo for what the UNet is given, and the part of one of its rows that keys it. SD: the encoder's last
+    hidden states, the whole row. SDXL: a packed embedding's token row starts with the first encoder's penultimate
+    states (unlearn/models/sdxl.py), so the first D1 features, recorded from that encoder; its ids are tokenizer
+    1's, the ones the token fraction counts."""
+    from unlearn.models import sdxl
+
+    if not isinstance(text_encoder, sdxl.TextEncoders):
+        return token_memo(text_encoder, special_ids), lambda row: row
+    first = text_encoder.text_encoder
+    width = first.config.hidden_size
+    return token_memo(first, special_ids, layer=sdxl.HIDDEN_LAYER), lambda row: row[..., :width]
 
 
 def special_ids_of(tokenizer) -> set[int]:
@@ -194,22 +217,26 @@ def install_transport(unet: nn.Module, adapter: SPMAdapter, prompts: list[str], 
     """Make `unet` (with `adapter` attached) prompt-dependent: before each forward, m per sample from its
     encoder_hidden_states; after it, the adapter off again. The adapter becomes the UNet's submodule
     `spm_adapter`, so it moves with the UNet; returns the UNet."""
-    from unlearn.models.text import encode_prompts
+    from unlearn.models.text import encode_prompts, token_rows
 
     special = special_ids_of(tokenizer)
-    memo = token_memo(text_encoder, special)
+    memo, key_of = memo_of(text_encoder, special)
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
     concept_tokens = [frozenset(row) - special for row in ids]
     dtype = next(unet.parameters()).dtype
-    unet.register_buffer("spm_concept_emb", encode_prompts(tokenizer, text_encoder, list(prompts)).to(dtype),
-                         persistent=False)
-    unet.register_buffer("spm_uncond_emb", encode_prompts(tokenizer, text_encoder, [""])[0].to(dtype),
-                         persistent=False)
+
+    def encoded(texts):  # what cross-attention reads (SDXL: the token rows, as the hook below sees them)
+        return token_rows(text_encoder, encode_prompts(tokenizer, text_encoder, texts)).to(dtype)
+
+    unet.register_buffer("spm_concept_emb", encoded(list(prompts)), persistent=False)
+    unet.register_buffer("spm_uncond_emb", encoded([""])[0], persistent=False)
     unet.spm_adapter = adapter.attach(unet)
 
     def before(module, args, kwargs):
+        # On SDXL this runs after the packed embedding's unpacking hook (installed when the UNet was loaded), so
+        # `emb` is the token rows of both encoders, what diffusers' own pipeline passes too.
         emb = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        tokens = [memo.get(_row_key(row)) for row in emb]
+        tokens = [memo.get(_row_key(key_of(row))) for row in emb]
         m = transport_strength(emb, module.spm_concept_emb.to(emb.device), tokens, concept_tokens)
         adapter.multiplier = pair_unconditional(m, emb, module.spm_uncond_emb).to(emb.device)
 

@@ -38,6 +38,7 @@ from torch import nn
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 SUBFOLDERS = ("text_encoder_2", "tokenizer_2")  # beside SD's unet, vae, text_encoder, tokenizer, scheduler
+HIDDEN_LAYER = -2  # SDXL conditions on the penultimate hidden states of both encoders
 
 
 class TextEncoders(nn.Module):
@@ -88,18 +89,23 @@ def encode(tokenizers: Tokenizers, encoders: TextEncoders, prompts: list[str], b
     """(len(prompts), T + 1, D1 + D2) packed embeddings (layout in the module docstring)."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        chunk, states, pooled = prompts[i:i + batch_size], [], None
+        chunk, outputs = prompts[i:i + batch_size], []
         for tok, enc in ((tokenizers.tokenizer, encoders.text_encoder), (tokenizers.tokenizer_2, encoders.text_encoder_2)):
             ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(next(enc.parameters()).device)
-            res = enc(ids, output_hidden_states=True)
-            states.append(res.hidden_states[-2])  # SDXL conditions on the penultimate layer of both
-            pooled = getattr(res, "text_embeds", None)
-        if pooled is None:
-            raise TypeError("text_encoder_2 must give a pooled projection (CLIPTextModelWithProjection's text_embeds)")
-        tokens = torch.cat([s.to(pooled.dtype) for s in states], dim=-1)
-        out.append(pack(tokens, pooled))
+            outputs.append(enc(ids, output_hidden_states=True))
+        out.append(conditioning(*outputs))
     return torch.cat(out)
+
+
+def conditioning(out, out_2) -> torch.Tensor:
+    """The packed embedding of both encoders' outputs (called with output_hidden_states=True); differentiable, for
+    a method that trains the encoders (AdvUnlearn)."""
+    pooled = getattr(out_2, "text_embeds", None)
+    if pooled is None:
+        raise TypeError("text_encoder_2 must give a pooled projection (CLIPTextModelWithProjection's text_embeds)")
+    states = (out.hidden_states[HIDDEN_LAYER], out_2.hidden_states[HIDDEN_LAYER])
+    return pack(torch.cat([s.to(pooled.dtype) for s in states], dim=-1), pooled)
 
 
 def pack(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The staged toy world v2: its language (describe / meaning_of), implicit prompts, renderer, and v1 left as it was.
 
-Fast: no model is trained or loaded.
+Fast: no model is loaded, and the one model trained is a one-step CLIP.
 """
 
 from __future__ import annotations
@@ -195,3 +195,21 @@ def test_build_refuses_v2_without_an_out_folder(capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"--world v2 needs --out (the shipped weights in {ROOT / 'unlearn/toy/weights'} are v1's)"]
+
+
+def test_clean_check_reads_rendered_images_with_a_one_step_clip(tmp_path):
+    from unlearn.toy import build, check2
+
+    tok = build.build_tokenizer(tmp_path, world2)
+    build.train_clip(tmp_path, tok, build.Budget(clip_steps=1, clip_batch=8), seed=0, w=world2)
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "clip" / name).write_bytes((tmp_path / "tokenizer" / name).read_bytes())
+    report = check2.main(["--clean", "--clip", str(tmp_path / "clip"), "--scenes", "224", "--per-word", "1",
+                          "--implicit", "1", "--pairs", "8", "--out", str(tmp_path / "check")])
+    assert report["images"] == "rendered" and report["n_images"] == 232
+    assert set(report["implicit"]) == set(lang.ANCHORS) and len(report["per_word"]) > 100
+    assert set(report["near"]) == {f"{a}->{b}" for n, o in lang.NEAR.items() for a, b in ((n, o), (o, n))}
+    assert (tmp_path / "check" / "report.json").exists()
+    with pytest.raises(SystemExit) as stop:
+        check2.main(["--clip", str(tmp_path / "clip")])  # neither a model nor --clean
+    assert stop.value.code == 2

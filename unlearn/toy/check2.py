@@ -1,10 +1,12 @@
 """Check a world-v2 build: does its generator draw what v2 captions say, read by its own CLIP, zero-shot?
 
     python -m unlearn.toy.check --world v2 --model /tmp/toy2/pipeline --clip /tmp/toy2/clip
+    python -m unlearn.toy.check --world v2 --clean --clip /tmp/toy2/clip    # the CLIP alone, on rendered images
 
 Reports shape and style accuracy on the plainest captions (with confusion tables), accuracy per word (every
 synonym, every style form), per concept on its implicit prompts, per side of two-object scenes, and how often each
-new concept is read as the one it imitates (arc -> ring, ...) and back.
+new concept is read as the one it imitates (arc -> ring, ...) and back. With --clean the images are rendered, not
+generated, and a word or implicit prompt counts as read when its text lands nearest its class's images.
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ def classifier(encoder, captions_of: dict[str, list[str]]):
     text = torch.stack([torch.nn.functional.normalize(encoder.text_features(captions_of[n]).mean(0), dim=-1)
                         for n in names])
     return lambda images: [names[i] for i in (encoder.image_features(images) @ text.T).argmax(-1).tolist()]
+
+
+@torch.no_grad()
+def text_reader(encoder, images: torch.Tensor, truth: list[str]):
+    """Each text -> the class whose images' mean embedding is nearest: does a word, as text, mean its class?"""
+    feats, names = encoder.image_features(images), sorted(set(truth))
+    centre = torch.stack([torch.nn.functional.normalize(feats[[i for i, t in enumerate(truth) if t == n]].mean(0),
+                                                        dim=-1) for n in names])
+    return lambda texts: [names[i] for i in (encoder.text_features(texts) @ centre.T).argmax(-1).tolist()]
+
+
+def rendered(scenes: list, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.stack([world2.render(s, rng) for s in scenes])).permute(0, 3, 1, 2).float() / 255
 
 
 def word_prompts(per_word: int) -> list[tuple[str, str, str, str]]:
@@ -56,7 +72,8 @@ def accuracy(pairs) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a v2 pipeline folder")
+    p.add_argument("--model", help="a v2 pipeline folder (not with --clean)")
+    p.add_argument("--clean", action="store_true", help="read rendered images: checks the CLIP alone")
     p.add_argument("--clip", required=True, help="its CLIP folder")
     p.add_argument("--scenes", type=int, default=448, help="one-object scenes, cycled over all 224")
     p.add_argument("--per-word", type=int, default=2, help="prompts per synonym or style form")
@@ -64,6 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--pairs", type=int, default=64, help="two-object scenes")
     p.add_argument("--out", type=Path, default=Path("outputs/toy_check_v2"))
     a = p.parse_args(argv)
+    if (a.model is None) != a.clean:
+        p.error("give --model, or --clean to check the CLIP alone")
     from unlearn.metrics.clip_model import ClipEncoder
     from unlearn.models import generate, load_components
     from unlearn.utils.grid import save_grid
@@ -79,14 +98,18 @@ def main(argv=None) -> dict:
     prompts = ([lang.canonical(s) for s in one] + [w[3] for w in words] + [q for _, q in implicit]
                + [lang.canonical(s) for s in pairs])
 
-    comps = load_components(a.model)
     enc = ClipEncoder.from_pretrained(a.clip)
     t0 = time.perf_counter()
-    images = torch.cat([generate(comps, prompts[i:i + 64], list(range(i, min(i + 64, len(prompts)))))
-                        for i in range(0, len(prompts), 64)])
+    if a.clean:
+        img_one, img_pairs = rendered(one, 1), rendered(pairs, 2)
+        images = torch.cat([img_one, img_pairs])
+    else:
+        comps = load_components(a.model)
+        images = torch.cat([generate(comps, prompts[i:i + 64], list(range(i, min(i + 64, len(prompts)))))
+                            for i in range(0, len(prompts), 64)])
+        cuts = np.cumsum([len(one), len(words), len(implicit)])
+        img_one, img_words, img_implicit, img_pairs = torch.tensor_split(images, cuts.tolist())
     seconds = time.perf_counter() - t0
-    cuts = np.cumsum([len(one), len(words), len(implicit)])
-    img_one, img_words, img_implicit, img_pairs = torch.tensor_split(images, cuts.tolist())
 
     def by(attribute: str, two: str | None = None) -> dict[str, list[str]]:
         pool = [lang.Scene(o, other) for o in plain for other in plain] if two else scenes
@@ -94,7 +117,8 @@ def main(argv=None) -> dict:
                 for n in (lang.SHAPES if attribute == "shape" else lang.STYLES)}
 
     read = {"shape": classifier(enc, by("shape")), "style": classifier(enc, by("style"))}
-    report: dict = {"images": len(images), "generate_seconds": round(seconds, 1)}
+    report: dict = {"images": "rendered" if a.clean else "generated", "n_images": len(images),
+                    "seconds": round(seconds, 1)}
     a.out.mkdir(parents=True, exist_ok=True)
     for attribute, names in (("shape", lang.SHAPES), ("style", lang.STYLES)):
         truth = [getattr(s.left, attribute) for s in one]
@@ -110,12 +134,17 @@ def main(argv=None) -> dict:
             for x, y in ((new, old), (old, new)) if new in names else ():
                 read_as = [q for t, q in zip(truth, pred) if t == x]
                 report.setdefault("near", {})[f"{x}->{y}"] = round(read_as.count(y) / max(len(read_as), 1), 4)
-    pred_words = {att: read[att](img_words) if len(words) else [] for att in ("shape", "style")}
+    if a.clean:  # texts read against the rendered images of each class
+        text = {att: text_reader(enc, img_one, [getattr(s.left, att) for s in one]) for att in ("shape", "style")}
+        pred_words = {att: text[att]([w[3] for w in words]) for att in text}
+        pred_imp = {att: text[att]([q for _, q in implicit]) for att in text}
+    else:
+        pred_words = {att: read[att](img_words) if len(words) else [] for att in ("shape", "style")}
+        pred_imp = {att: read[att](img_implicit) if len(implicit) else [] for att in ("shape", "style")}
     report["per_word"] = {}
     for k, (att, cls, word, _) in enumerate(words):
         report["per_word"].setdefault(f"{cls}: {word}", []).append(pred_words[att][k] == cls)
     report["per_word"] = {k: round(float(np.mean(v)), 4) for k, v in report["per_word"].items()}
-    pred_imp = {att: read[att](img_implicit) if len(implicit) else [] for att in ("shape", "style")}
     report["implicit"] = {c: accuracy((c, pred_imp["shape" if c in lang.SHAPES else "style"][k])
                                       for k, (cc, _) in enumerate(implicit) if cc == c) for c in concepts}
     for side in ("left", "right"):
@@ -130,7 +159,7 @@ def main(argv=None) -> dict:
           f"right {report['two_object_right_shape']:.1%}")
     print("near neighbours (fraction of one read as the other): "
           + ", ".join(f"{k} {v:.0%}" for k, v in report.get("near", {}).items()))
-    print(f"\n{len(images)} images in {seconds:.0f} s ({torch.get_num_threads()} threads)")
+    print(f"\n{len(images)} {report['images']} images in {seconds:.0f} s ({torch.get_num_threads()} threads)")
     (a.out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

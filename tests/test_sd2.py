@@ -1,6 +1,6 @@
 """SD-2.x: `model=sd2` (ε) and `model=sd2_v` (v-prediction) on tiny random SD-2-shaped pipelines (no download).
 
-Every trained method's loss on a v-prediction model must be its ε-form: the UNet's raw output v converted here by
+Every trained method's loss on a v-prediction model (SalUn, SPM and AdvUnlearn included) must be its ε-form: the UNet's raw output v converted here by
 hand, ε = sqrt(ᾱ_t) v + sqrt(1 − ᾱ_t) x_t, and each loss recomputed from it. Each check also asserts that the loss
 computed on the raw output differs, so removing the conversion (UnlearnModule.eps) fails it.
 """
@@ -246,6 +246,82 @@ def test_cdc_cpg_losses_are_their_eps_form(tmp_path, tiny_sd2_v, method):
     torch.testing.assert_close(got["train/d_loss"], want["d"]["eps"], rtol=1e-5, atol=1e-7)
 
 
+def test_salun_losses_are_their_eps_form(tmp_path, tiny_sd2_v):
+    """The forget loss (ε of the concept against ε of the pseudo prompt) and the retain diffusion loss."""
+    m = module_for(tmp_path, tiny_sd2_v, "salun")
+    batch, x_t, noise, t = fixed_batch(m)
+    m.forget = {"latents": batch["latents"], "target_emb": batch["target_emb"], "pseudo_emb": batch["anchor_emb"]}
+    m.noise = lambda latents, t_=None: (x_t, noise, t)
+    alphas = m.alphas_cumprod
+    with torch.no_grad():
+        got = m.loss(batch)
+        want = {}
+        for form in ("eps", "raw"):
+            forget = F.mse_loss(raw_and_eps(m.unet, x_t, t, batch["target_emb"], alphas)[form],
+                                raw_and_eps(m.unet, x_t, t, batch["anchor_emb"], alphas)[form])
+            retain = F.mse_loss(raw_and_eps(m.unet, x_t, t, batch["anchor_emb"], alphas)[form], noise)
+            want[form] = {"forget": forget, "retain": retain}
+    for key in ("forget", "retain"):
+        assert_eps_form(got[key], {form: want[form][key] for form in want})
+
+
+def test_spm_losses_are_their_eps_form(tmp_path, tiny_sd2_v):
+    """ESD's target from the adapter-off model, the adapter-on answer, and the anchoring term on surrogates."""
+    from unlearn.losses import esd_target
+
+    m = module_for(tmp_path, tiny_sd2_v, "spm", "method.sample_steps=2")
+    with torch.no_grad():
+        for layer in m.spm.layers:  # an adapter that acts, so on and off differ
+            layer.up.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(4))
+    _, x_t, _, t = fixed_batch(m)
+    x_t, t = x_t[:1], t[:1]
+    c = m.concept_emb
+    anchors = torch.randn(2, *c.shape[1:], generator=torch.Generator().manual_seed(8)) * c.norm() / c[0].numel() ** .5
+    alphas, h = m.alphas_cumprod, m.hparams
+
+    def at(strength, x, t_, emb, form):
+        m.spm.multiplier = strength
+        try:
+            return raw_and_eps(m.unet, x, t_, emb, alphas)[form]
+        finally:
+            m.spm.multiplier = 0.0
+
+    with torch.no_grad():
+        got = m.losses(x_t, t, c, anchors)
+        want = {"erase": {}, "anchoring": {}}
+        x_a, t_a = x_t.repeat(2, 1, 1, 1), t.repeat(2)
+        for form in ("eps", "raw"):
+            target = esd_target(at(0.0, x_t, t, m.uncond_emb, form), at(0.0, x_t, t, c, form), h.negative_guidance)
+            want["erase"][form] = F.mse_loss(at(1.0, x_t, t, c, form), target)
+            want["anchoring"][form] = F.mse_loss(at(1.0, x_a, t_a, anchors, form), at(0.0, x_a, t_a, anchors, form))
+    for key, forms in want.items():
+        assert_eps_form(got[key], forms)
+
+
+def test_advunlearn_losses_are_their_eps_form(tmp_path, tiny_sd2_v):
+    """ESD's target from the frozen UNet with the original encoder's prompt, the new encoder's answer against it,
+    and the retain MSE, new encoder against original."""
+    from unlearn.losses import esd_target
+
+    m = module_for(tmp_path, tiny_sd2_v, "advunlearn", "method.sample_steps=2")
+    batch, x_t, _, t = fixed_batch(m)
+    cond_new, cond_orig = batch["anchor_emb"][:1], batch["target_emb"][:1]
+    retain_new, retain_orig = batch["target_emb"], batch["anchor_emb"]
+    alphas, g = m.alphas_cumprod, m.hparams.negative_guidance
+    with torch.no_grad():
+        erase, retain = m.loss_terms(x_t[:1], t[:1], cond_new, cond_orig, x_t, t, retain_new, retain_orig)
+        want = {"erase": {}, "retain": {}}
+        for form in ("eps", "raw"):
+            e_0 = raw_and_eps(m.unet, x_t[:1], t[:1], m.uncond_emb, alphas)[form]
+            e_c = raw_and_eps(m.unet, x_t[:1], t[:1], cond_orig, alphas)[form]
+            want["erase"][form] = F.mse_loss(raw_and_eps(m.unet, x_t[:1], t[:1], cond_new, alphas)[form],
+                                             esd_target(e_0, e_c, g))
+            want["retain"][form] = F.mse_loss(raw_and_eps(m.unet, x_t, t, retain_new, alphas)[form],
+                                              raw_and_eps(m.unet, x_t, t, retain_orig, alphas)[form])
+    assert_eps_form(erase, want["erase"])
+    assert_eps_form(retain, want["retain"])
+
+
 def test_unlearndiffatk_loss_is_its_eps_form(tiny_sd2_v):
     """The attack's diffusion loss on the erased model: ε-MSE also when the model predicts v."""
     from unlearn.attacks.base import Reference
@@ -310,33 +386,49 @@ def test_cce_inversion_loss_is_its_eps_form(tiny_sd2_v, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+TRAINED = {"esd_x": (), "esd_u": (), "conabl": (), "distill": (), "sdd": (), "cdc_cpg": ("method.warmup_steps=0",),
+           "uce": (), "rece": ("method.epochs=1",), "salun": (),
+           "spm": ("method.sample_steps=2", "method.warmup_steps=0", "method.lr=1e-2"),
+           "advunlearn": ("method.warmup_steps=0", "method.attack_steps=1", "method.sample_steps=2",
+                          "method.retain_batch=2", "method.lr=1e-3")}
+TEXT_TRAINED, ADAPTER = {"advunlearn"}, {"spm"}  # the text encoder changes, not the UNet | spm.safetensors only
+
+
 def test_train_export_reload_evaluate_on_a_v_model(tmp_path, tiny_sd2_v):
-    """ConAbl and UCE on the tiny v-model: train (data sampled by the v model), export, reload with
-    StableDiffusionPipeline.from_pretrained (still v), evaluate both folders with `unlearn.evaluate`."""
+    """Every method on the tiny v-model: train (data sampled by the v model), export, reload with
+    StableDiffusionPipeline.from_pretrained (still v; AdvUnlearn: its text encoder changed, not the UNet) or, for
+    SPM's adapter file, load_pipeline; then `unlearn.evaluate` measures every result."""
     from diffusers import StableDiffusionPipeline
 
     from unlearn.evaluate import run as evaluate
+    from unlearn.export.load import load_pipeline
     from unlearn.train import run as train
 
     common = [f"model.path={tiny_sd2_v}", "model=sd2_v", "model.clip=toy", "model.sample_steps=2",
               "concept=van_gogh", "logger=none", "trainer=cpu", "trainer.enable_progress_bar=false",
               f"paths.cache={tmp_path}/cache"]
-    original = StableDiffusionPipeline.from_pretrained(tiny_sd2_v).unet.state_dict()
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd2_v)
+    original, text = base.unet.state_dict(), base.text_encoder.state_dict()
     folders = []
-    for method in ("conabl", "uce"):
-        res = train(compose_train(tmp_path / method, *common, f"method={method}", "method.steps=2", "evaluate=false",
+    for method, extra in TRAINED.items():
+        res = train(compose_train(tmp_path / method, *common, f"method={method}", "method.steps=1", "evaluate=false",
                                   "data.num_prompts=2", "data.images_per_prompt=1", "data.batch_size=2",
-                                  "data.gen_batch_size=2"))
-        pipe = StableDiffusionPipeline.from_pretrained(res["pipeline"])
-        assert pipe.scheduler.config.prediction_type == "v_prediction"
-        trained = pipe.unet.state_dict()
-        assert any(not torch.equal(trained[k], original[k]) for k in original), method
+                                  "data.gen_batch_size=2", *extra))
         folders.append(res["pipeline"])
+        pipe = load_pipeline(tiny_sd2_v, res["pipeline"]) if method in ADAPTER else \
+            StableDiffusionPipeline.from_pretrained(res["pipeline"])
+        assert pipe.scheduler.config.prediction_type == "v_prediction", method
+        unet_changed = any(not torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items() if k in original)
+        text_changed = any(not torch.equal(v, text[k]) for k, v in pipe.text_encoder.state_dict().items())
+        assert unet_changed == (method not in TEXT_TRAINED | ADAPTER), method
+        assert text_changed == (method in TEXT_TRAINED), method
+        if method in ADAPTER:
+            assert hasattr(pipe.unet, "spm_adapter")
     cfg = compose_train(tmp_path / "eval", *common, "eval.fid_feature=clip", "eval.num_prompts=1",
                         "eval.images_per_prompt=2", "eval.implicit=false", "eval.neighbours=false",
                         f"+candidates=[{','.join(folders)}]")
     rows = evaluate(cfg)["results"]
-    assert len(rows) == 3 and "original" in rows
+    assert len(rows) == len(TRAINED) + 1 and "original" in rows, sorted(rows)
     for label, row in rows.items():
         numbers = [v for v in row["van_gogh"].values() if isinstance(v, (int, float))]
         assert numbers and all(math.isfinite(v) for v in numbers), (label, row)

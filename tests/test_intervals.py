@@ -57,3 +57,13 @@ def test_separations_name_the_pairs_and_the_lower_method():
     text = format_separations(list(rows.values()))
     assert "target CA: uce 1.0 ± 4.4 vs esd_x 46.9 ± 7.7: separate (uce lower)" in text
     assert "cannot separate (intervals overlap)" in text
+
+
+def test_one_seed_ranks_no_pair_and_says_why():
+    one = {"a": [{"t": {"ca": 93.8}, "n": {"ca": 100.0}}], "b": [{"t": {"ca": 3.1}, "n": {"ca": 100.0}}]}
+    text = format_separations(separations(one, "t"))
+    assert "one training seed" in text and "overlap" not in text and "93.8" not in text
+    two = [{"t": {"ca": 0.0}, "n": {"ca": 100.0}}, {"t": {"ca": 2.0}, "n": {"ca": 100.0}}]
+    mixed = {**one, "c": two, "d": two}
+    text = format_separations(separations(mixed, "t"))
+    assert "a 93.8 vs c 1.0 ± 12.7: cannot separate (one training seed: no interval)" in text

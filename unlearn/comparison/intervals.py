@@ -74,9 +74,15 @@ def format_separations(rows: list[dict]) -> str:
     """Markdown: the pairs that separate, then those the intervals cannot tell apart."""
     head = (f"Pairs of methods, {int(LEVEL * 100)} % t-intervals over training seeds "
             "(prompts and evaluation seeds fixed, not resampled):")
+    if rows and all(r["a_half_width"] is None or r["b_half_width"] is None for r in rows):
+        # Without a spread there is no interval: saying "overlap" of 93.8 vs 3.1 would read as a measured tie.
+        return (f"{head} none here, since every method has one training seed; no pair is ranked "
+                "(seeds=[0,1,2] gives intervals).")
     lines = [head]
     for r in sorted(rows, key=lambda r: not r["separate"]):  # stable: the separating pairs first
-        verdict = f"separate ({r['lower']} lower)" if r["separate"] else "cannot separate (intervals overlap)"
+        verdict = (f"separate ({r['lower']} lower)" if r["separate"] else "cannot separate (intervals overlap)"
+                   if r["a_half_width"] is not None and r["b_half_width"] is not None
+                   else "cannot separate (one training seed: no interval)")
         lines.append(f"- {r['measure']}: {r['a']} {_cell(r['a_mean'], r['a_half_width'])} vs {r['b']} "
                      f"{_cell(r['b_mean'], r['b_half_width'])}: {verdict}")
     return "\n".join(lines)

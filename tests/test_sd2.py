@@ -1,8 +1,9 @@
 """SD-2.x: `model=sd2` (ε) and `model=sd2_v` (v-prediction) on tiny random SD-2-shaped pipelines (no download).
 
-Every trained method's loss on a v-prediction model (SalUn, SPM and AdvUnlearn included) must be its ε-form: the UNet's raw output v converted here by
+Every trained method's loss on a v-prediction model must be its ε-form: the UNet's raw output v converted here by
 hand, ε = sqrt(ᾱ_t) v + sqrt(1 − ᾱ_t) x_t, and each loss recomputed from it. Each check also asserts that the loss
-computed on the raw output differs, so removing the conversion (UnlearnModule.eps) fails it.
+computed on the raw output differs, so removing the conversion (UnlearnModule.eps) fails it. Then every method runs
+train -> export -> reload -> evaluate on the v model.
 """
 
 from __future__ import annotations

@@ -172,12 +172,15 @@ def test_every_method_trains_exports_reloads_and_evaluates(tmp_path, tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
     from unlearn.evaluate import run as evaluate
+    from unlearn.export.components import components_of, same_weights
     from unlearn.export.load import load_pipeline
+    from unlearn.models.loading import load_components
     from unlearn.train import run as train
 
     common = [f"model.path={tiny_sdxl}", "model=sdxl", "model.clip=toy", "model.sample_steps=2", "concept=van_gogh",
               "logger=none", "trainer=cpu", "trainer.enable_progress_bar=false", f"paths.cache={tmp_path}/cache"]
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    base_parts = load_components(str(tiny_sdxl))
     original = base.unet.state_dict()
     folders = []
     for method, extra in TRAINED.items():
@@ -201,6 +204,9 @@ def test_every_method_trains_exports_reloads_and_evaluates(tmp_path, tiny_sdxl):
                 continue
             assert text_changed and not any("embeddings" in k or "text_projection" in k for k in text_changed)
             assert any("encoder.layers." in k for k in text_changed), (method, name)
+        if method in TEXT_TRAINED:  # what evaluate and the attacks generate with: the run's pair, not the base's
+            own = components_of(res["pipeline"], base_parts).text_encoder
+            assert own is not base_parts.text_encoder and not same_weights(own, base_parts.text_encoder)
     cfg = compose_train(tmp_path / "eval", *common, "eval.fid_feature=clip", "eval.num_prompts=1",
                         "eval.images_per_prompt=2", "eval.implicit=false", "eval.neighbours=false",
                         f"+candidates=[{','.join(folders)}]")

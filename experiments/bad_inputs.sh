@@ -110,8 +110,6 @@ compare concept=toy_ring methods=[uce] robustness.enabled=true robustness.attack
 compare concept=toy_ring methods=[uce] robustness.enabled=true robustness.attack.num_prompts=0
 train method=uce method.adapter=lora
 train method=esd_x method.adapter=lora method.lora.rank=0
-train model=sdxl concept=van_gogh method=advunlearn
-train model=sdxl concept=van_gogh method=spm
 train model=sdxl model.path=toy concept=van_gogh method=uce
 train model=sd14 model.path=XLFOLDER concept=van_gogh method=uce
 attack model=sdxl concept=van_gogh

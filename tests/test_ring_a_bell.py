@@ -137,6 +137,8 @@ def test_compare_cells_are_means_with_t_intervals_over_seeds():
     assert cells["uce"]["ASR % (UnlearnDiffAtk)↓"] == f"25.0 ± {hw:.1f}"
     assert cells["uce"]["ASR % (Ring-A-Bell)↓"] == f"75.0 ± {hw:.1f}"
     assert cells["uce"]["iterations (Ring-A-Bell)"] == "60.0 ± 0.0" and cells["uce"]["CCS↓"] is None
+    zeros = robustness_cells({"m": [{**_row("m", 0.0, 0.0), "ccs": 30.0, "crs": 0.25}] * 2})["m"]
+    assert zeros["ASR % (UnlearnDiffAtk)↓"] == "0.0 ± 0.0" and zeros["CRS↓"] == "0.25 ± 0.00"  # digits by column
     assert list(cells["uce"]) == ["clean det. %↓", "ASR % (UnlearnDiffAtk)↓", "iterations (UnlearnDiffAtk)",
                                   "random prefix det. % (UnlearnDiffAtk)", "ASR % (Ring-A-Bell)↓",
                                   "iterations (Ring-A-Bell)", "random tokens det. % (Ring-A-Bell)", "CCS↓", "CRS↓"]

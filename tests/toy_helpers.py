@@ -41,3 +41,21 @@ def assert_erased_and_kept(payload: dict, method_label: str, bounds=None) -> Non
     assert not broken, f"{method_label}: neighbours not kept: {broken}"
 
 
+
+
+def assert_candidates_evaluate(tmp_path: Path, common: list[str], folders: list[str], concept: str) -> dict:
+    """`unlearn.evaluate` on every trained folder with a tiny budget: one row per folder plus the original, every
+    number of `concept`'s row finite (the tiny random models' end-to-end check)."""
+    import math
+
+    from unlearn.evaluate import run as evaluate
+
+    cfg = compose_train(tmp_path / "eval", *common, "eval.fid_feature=clip", "eval.num_prompts=1",
+                        "eval.images_per_prompt=2", "eval.implicit=false", "eval.neighbours=false",
+                        f"+candidates=[{','.join(folders)}]")
+    rows = evaluate(cfg)["results"]
+    assert len(rows) == len(folders) + 1 and "original" in rows, sorted(rows)
+    for label, row in rows.items():
+        numbers = [v for v in row[concept].values() if isinstance(v, (int, float))]
+        assert numbers and all(math.isfinite(v) for v in numbers), (label, row)
+    return rows

@@ -23,8 +23,8 @@ def load_pipeline(base: str | Path, delta: str | Path | None = None, **from_pret
     """The pipeline a run's `export=pipeline` folder holds, rebuilt from its base and its delta.
 
     `base`: a pipeline folder, a Hub id or `toy`, loaded with StableDiffusionPipeline.from_pretrained (an SDXL
-    folder with StableDiffusionXLPipeline's; in the delta's dtype and revision unless given); `delta`: a delta file or a run folder holding one (None: the base
-    alone). The delta's base fingerprint must be the loaded base's (else DeltaError naming both); its tensors are
+    folder with StableDiffusionXLPipeline's; in the delta's dtype and revision unless given); `delta`: a delta
+    file or a run folder holding one (None: the base alone). The delta's base fingerprint must be the loaded base's (else DeltaError naming both); its tensors are
     then copied into the UNet. As in the exported folder: DDIM on the base's schedule, no safety checker.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline

@@ -81,3 +81,26 @@ def test_original_images_are_shared_across_runs_by_model(tmp_path, tiny_pipeline
         next(comps.unet.parameters()).add_(0.5)
     small_evaluator(tmp_path / "run3", neighbours=False, cache_dir=cache).measure("original", comps)
     assert len(calls) > n and len(list((cache / "eval" / "original").glob("toy_ring-*"))) == 2
+
+
+def test_implicit_prompts_with_captions_are_read_by_ca_and_plain_ones_only_by_cs(tmp_path, tiny_pipeline_path):
+    from safetensors.torch import load_file
+
+    from unlearn.data.concepts import load_concept
+
+    raw = load_concept("toy_ring").to_dict()
+    reads = [["a red ring", "a red circle"], ["a blue circle", "a blue ring"]]
+    raw["implicit_prompts"] = [{"prompt": "a red hoop", "ca": reads[0]}, "a ring",
+                               {"prompt": "a blue loop", "ca": reads[1]}]
+    ev = Evaluator(raw, MODEL, tmp_path, num_prompts=2, images_per_prompt=2, neighbours=False)
+    row = ev.measure("original", load_components(str(tiny_pipeline_path)))["implicit"]
+    images = load_file(tmp_path / "images" / "original" / "implicit.safetensors")["images"]
+    assert images.shape[0] == 3
+    enc = ev.encoder
+    img = enc.image_features(images[[0, 2]])
+    t, a = enc.text_features([r[0] for r in reads]), enc.text_features([r[1] for r in reads])
+    expected = 100 * ((img * t).sum(-1) > (img * a).sum(-1)).double().mean().item()
+    assert row["ca"] == pytest.approx(expected) and "cs" in row
+    raw["implicit_prompts"] = ["a red hoop", "a ring"]  # no captions: CS only, as for a real concept's titles
+    plain = Evaluator(raw, MODEL, tmp_path / "plain", num_prompts=2, images_per_prompt=2, neighbours=False)
+    assert "ca" not in plain.measure("original", load_components(str(tiny_pipeline_path)))["implicit"]

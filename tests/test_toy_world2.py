@@ -112,17 +112,20 @@ def test_implicit_prompts_never_name_the_concept_and_read_back_to_it(concept):
         assert meant is not None and meant.right is None and getattr(meant.left, attribute) == concept, p
 
 
-def test_concept_drafts_hold_the_implicit_prompts():
-    drafts = sorted((ROOT / "conf" / "concept_v2").glob("toy_*.yaml"))
-    assert [d.stem for d in drafts] == sorted(f"toy_{c}" for c in lang.ANCHORS)
-    for d in drafts:
+def test_toy2_concepts_hold_the_implicit_prompts_and_their_readings():
+    configs = sorted((ROOT / "conf" / "concept").glob("toy2_*.yaml"))
+    assert [d.stem for d in configs] == sorted(f"toy2_{c}" for c in lang.ANCHORS)
+    for d in configs:
         cfg = yaml.safe_load(d.read_text())
         target, anchor = cfg["target"], cfg["anchor"]
         assert anchor == lang.ANCHORS[target] and cfg["kind"] == ("style" if target in lang.STYLES else "instance")
         assert [e["prompt"] for e in cfg["implicit_prompts"]] == lang.implicit_prompts(target)
-        assert all(e["ca"] == [target, anchor] for e in cfg["implicit_prompts"])
+        for e in cfg["implicit_prompts"]:  # the target caption names the concept, the anchor caption its anchor
+            t, a = e["ca"]
+            assert lang.meaning_of(t).left == lang.meaning_of(e["prompt"]).left, e
+            assert getattr(lang.meaning_of(a).left, "shape" if target in lang.SHAPES else "style") == anchor, e
         near = {**lang.NEAR, **{v: k for k, v in lang.NEAR.items()}}
-        assert target not in near or f"toy_{near[target]}" in cfg["neighbours"]
+        assert target not in near or f"toy2_{near[target]}" in cfg["neighbours"]
 
 
 def test_check_word_prompts_mean_their_class():

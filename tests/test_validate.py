@@ -190,6 +190,8 @@ def test_a_concept_needs_a_model_of_its_world(tmp_path):
     assert p.key == "concept" and str(p).startswith("concept=van_gogh: needs a real model: add model=sd14")
     (p,) = problems(compose_cfg(tmp_path, "model=sd14", "concept=toy_ring", "eval.fid_feature=clip"))
     assert p.key == "concept" and "add model=toy" in p.allowed
+    (p,) = problems(compose_cfg(tmp_path, "concept=toy2_ring"))  # the v2 world's concept on v1's model
+    assert p.key == "concept" and "add model=toy2" in p.allowed and "toy world's" in p.allowed
     # A folder's world is not known: any concept (a trained toy pipeline, a local copy of SD-1.4)
     folder = tmp_path / "pipe"
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):

@@ -276,14 +276,14 @@ def conf_keys(group: str) -> list[str]:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-TOY_MODEL = "toy"
+TOY_MODELS = ("toy", "toy2")  # the built-in worlds' names (unlearn/toy/__init__.py)
 
 
 def is_local(path: str) -> bool:
     """A folder rather than a Hub id (the same rule load_components uses)."""
     from unlearn.models.loading import _looks_local, resolve_path
 
-    return path == TOY_MODEL or _looks_local(resolve_path(path))
+    return path in TOY_MODELS or _looks_local(resolve_path(path))
 
 
 def model_problems(cfg: dict) -> list[Problem]:
@@ -326,7 +326,7 @@ def model_folder_problems(m: dict) -> list[Problem]:
             check_folder(resolve_path(path))
         except ModelLoadError as e:
             out.append(Problem("model.path", path, f"a pipeline folder or a Hub id; {e}"))
-    if isinstance(clip, str) and clip and clip != TOY_MODEL and is_local(clip) and not Path(clip).expanduser().is_dir():
+    if isinstance(clip, str) and clip and clip not in TOY_MODELS and is_local(clip) and not Path(clip).expanduser().is_dir():
         out.append(Problem("model.clip", clip, "toy, a CLIP folder or a Hub id; no folder is there"))
     return out
 
@@ -575,15 +575,16 @@ def folder_list_problems(cfg: dict, key: str) -> list[Problem]:
 
 # ------------------------------------------------------------------------------------------------ the model's world
 def concept_world(concept: dict) -> str:
-    """`toy` for a concept of the built-in toy world (its prompts are the toy captions), else `real`."""
-    return "toy" if str(concept.get("anchor_prompts", "")).startswith("toy:") else "real"
+    """`toy` / `toy2` for a concept of a built-in toy world (its prompts are that world's captions), else `real`."""
+    spec = str(concept.get("anchor_prompts", ""))
+    return next((w for w in TOY_MODELS if spec.startswith(f"{w}:")), "real")
 
 
 def model_world(model: dict) -> str | None:
-    """`toy` for the shipped toy model, `real` for a Hub id; None for a folder (its world is not known)."""
+    """`toy` / `toy2` for a shipped toy model, `real` for a Hub id; None for a folder (its world is not known)."""
     path = str(model.get("path", ""))
-    if path == TOY_MODEL:
-        return "toy"
+    if path in TOY_MODELS:
+        return path
     return None if is_local(path) else "real"
 
 
@@ -600,7 +601,10 @@ def world_problems(cfg: dict) -> list[Problem]:
     if need == "real":
         return [Problem("concept", name, f"needs a real model: add model=sd14 (or sd2, sd2_v; model="
                         f"{model.get('name')} is the toy world's, whose vocabulary has none of its words)")]
-    return [Problem("concept", name, f"a toy-world concept: add model=toy, or choose a real concept (model="
+    if have in TOY_MODELS:
+        return [Problem("concept", name, f"a concept of the {need} world: add model={need} (model="
+                        f"{model.get('name')} is the {have} world's, which does not draw it)")]
+    return [Problem("concept", name, f"a toy-world concept: add model={need}, or choose a real concept (model="
                     f"{model.get('name')} never saw the toy world's captions)")]
 
 
@@ -619,7 +623,7 @@ def reach_problems(cfg: dict) -> list[Problem]:
         needs.append(("model.clip", "config.json"))
     for key, probe in needs:
         repo = model.get(key.split(".")[1])
-        if not isinstance(repo, str) or repo == TOY_MODEL or is_local(repo):
+        if not isinstance(repo, str) or repo in TOY_MODELS or is_local(repo):
             continue
         why = hub_unreachable(repo, model.get("revision") if key == "model.path" else None, probe)
         if why:  # one line: the first model that cannot be had (the next one is found once it is there)

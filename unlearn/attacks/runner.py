@@ -63,7 +63,7 @@ class Robustness:
     def __init__(self, concept, attack_cfg: Mapping, model_cfg: Mapping, detector_cfg: Mapping | None = None,
                  recovery_cfg: Mapping | None = None, original=None, encoder=None):
         from unlearn.data.concepts import load_concept
-        from unlearn.evaluation.evaluator import TOY_CLIP
+        from unlearn.evaluation.evaluator import toy_clip
         from unlearn.metrics.concept_recovery import PSI_GRID, check_psi
         from unlearn.metrics.detectors import make_detector
 
@@ -83,7 +83,7 @@ class Robustness:
             self.recovery["psi"] = check_psi(list(self.recovery.get("psi") or PSI_GRID))
         self._encoder = encoder
         clip = self.model_cfg.get("clip", "toy")
-        self.clip_source = str(TOY_CLIP) if clip in (None, "toy") else str(clip)
+        self.clip_source = str(toy_clip("toy" if clip is None else clip))
         det = dict(detector_cfg or {})
         needs_clip = det.get("name", "auto") == "clip" or (det.get("name", "auto") == "auto"
                                                             and self.concept.kind != "nudity")

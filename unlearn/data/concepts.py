@@ -2,7 +2,8 @@
 
     name, kind (style | instance | nudity), anchor, target, anchor_prompts (a prompt-set spec: prompts.py),
     derive {mode, suffix, word, replacement} (see derive.py), neighbours (concept names to preserve),
-    implicit_prompts (prompts that should be erased too, e.g. "The Starry Night").
+    implicit_prompts (prompts that should be erased too, e.g. "The Starry Night"; an entry may be
+    {prompt, ca: [target caption, anchor caption]}, the two captions CA reads its image between).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from unlearn.data.prompts import SET_SIZE, load_prompt_set
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "concept"
 KINDS = ("style", "instance", "nudity")
 DERIVE_KEYS = ("mode", "suffix", "word", "replacement")
+SCHEMA_EXTRAS = ("conf_dir", "implicit_ca")  # Concept fields filled by the loader, not keys of the YAML
 
 
 class ConceptError(ValueError):
@@ -34,6 +36,7 @@ class Concept:
     neighbours: list[str]
     implicit_prompts: list[str]
     conf_dir: Path = field(default=CONF_DIR, repr=False, compare=False)
+    implicit_ca: list = field(default_factory=list, repr=False)  # per implicit prompt: (target, anchor) or None
 
     def prompts(self, n: int | None = SET_SIZE) -> list[str]:
         return load_prompt_set(self.anchor_prompts, n)
@@ -46,7 +49,7 @@ class Concept:
         return [load_concept(n, conf_dir=self.conf_dir) for n in self.neighbours]
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "conf_dir"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SCHEMA_EXTRAS}
 
 
 def known_concepts(conf_dir: str | Path = CONF_DIR) -> list[str]:
@@ -80,7 +83,7 @@ def load_concept(name_or_cfg: Any, conf_dir: str | Path | None = None) -> Concep
 def _validate(raw: dict, source: str, conf_dir: Path) -> Concept:
     if not isinstance(raw, dict):
         raise ConceptError(f"{source}: expected a mapping, got {type(raw).__name__}")
-    expected = [f.name for f in fields(Concept) if f.name != "conf_dir"]
+    expected = [f.name for f in fields(Concept) if f.name not in SCHEMA_EXTRAS]
     missing = [k for k in expected if k not in raw]
     extra = [k for k in raw if k not in expected]
     if missing or extra:
@@ -99,7 +102,20 @@ def _validate(raw: dict, source: str, conf_dir: Path) -> Concept:
     for key in ("neighbours", "implicit_prompts"):
         if not isinstance(raw[key], list):
             raise ConceptError(f"{source}: {key} must be a list, got {raw[key]!r}")
+    implicit = [_implicit_entry(e, source) for e in raw["implicit_prompts"]]
     return Concept(name=str(raw["name"]), kind=raw["kind"], anchor=str(raw["anchor"]),
                    target=str(raw["target"]), anchor_prompts=str(raw["anchor_prompts"]), derive=derive,
-                   neighbours=[str(n) for n in raw["neighbours"]],
-                   implicit_prompts=[str(p) for p in raw["implicit_prompts"]], conf_dir=conf_dir)
+                   neighbours=[str(n) for n in raw["neighbours"]], implicit_prompts=[p for p, _ in implicit],
+                   conf_dir=conf_dir, implicit_ca=[ca for _, ca in implicit])
+
+
+def _implicit_entry(entry, source: str) -> tuple[str, tuple[str, str] | None]:
+    """A prompt, or {prompt, ca: [target caption, anchor caption]}: its image is also read by CA between the two."""
+    if isinstance(entry, dict):
+        ca = entry.get("ca")
+        if set(entry) != {"prompt", "ca"} or not isinstance(ca, list) or len(ca) != 2 \
+                or not all(isinstance(c, str) and c for c in ca):
+            raise ConceptError(f"{source}: implicit prompt {entry!r} must be a string or "
+                               f"{{prompt, ca: [target caption, anchor caption]}}")
+        return str(entry["prompt"]), (ca[0], ca[1])
+    return str(entry), None

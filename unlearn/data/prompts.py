@@ -19,7 +19,9 @@ Spec strings accepted by `load_prompt_set`:
 - `toy:<word>`: every toy caption, in every style, that contains <word> as a word (`toy:circle`, `toy:red`,
   `toy:stripes`). Toy captions are enumerated colour-major (red, green, blue, yellow, no colour) -> style ->
   shape, so the first few prompts already span the shapes/styles; every set is cycled (repeated from its
-  start) up to the requested count.
+  start) up to the requested count;
+- `toy2:<word>`: the same for the v2 world (`unlearn/toy/language.py`): its plainest one-object captions
+  (`language.canonical`), in every v2 shape and style, that contain <word>.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 SET_SIZE = 200
 GOLDEN = (5 ** 0.5 - 1) / 2  # stride fraction of the generator (see _stride)
 TOY_PREFIX = "toy:"
+TOY2_PREFIX = "toy2:"
 
 
 class PromptSetError(ValueError):
@@ -49,6 +52,8 @@ def load_prompt_set(spec: str, n: int | None = SET_SIZE, prompt_dir: str | Path 
     spec = str(spec)
     if spec.startswith(TOY_PREFIX):
         prompts = toy_prompts(spec[len(TOY_PREFIX):])
+    elif spec.startswith(TOY2_PREFIX):
+        prompts = toy_prompts(spec[len(TOY2_PREFIX):], world=2)
     else:
         path = _resolve_file(spec, Path(prompt_dir))
         prompts = read_prompt_file(path)
@@ -90,23 +95,28 @@ def cycle_to(prompts: list[str], n: int | None) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def toy_prompts(word: str) -> list[str]:
-    """Toy captions for `toy:<word>` in the fixed enumeration order (see the module docstring)."""
-    from unlearn.toy import world
+def toy_prompts(word: str, world: int = 1) -> list[str]:
+    """Toy captions for `toy:<word>` (`toy2:<word>`: world 2) in the fixed enumeration order (module docstring)."""
+    if world == 1:
+        from unlearn.toy import world as w
 
-    captions = []
-    for colour in (*world.COLOURS, None):
-        for style in world.STYLES:
-            for shape in world.SHAPES:
-                scene = world.Scene(shape, colour or next(iter(world.COLOURS)), style)
-                captions.append((style, scene.caption(with_colour=colour is not None)))
-    if word == world.DEFAULT_STYLE:
-        return [c for style, c in captions if style == world.DEFAULT_STYLE]
+        def caption(shape, colour, style):
+            return w.Scene(shape, colour or next(iter(w.COLOURS)), style).caption(with_colour=colour is not None)
+    else:
+        from unlearn.toy import language as w
+
+        def caption(shape, colour, style):
+            return w.canonical(w.Scene(w.Object(shape, colour, style)))
+    captions = [(style, caption(shape, colour, style))
+                for colour in (*w.COLOURS, None) for style in w.STYLES for shape in w.SHAPES]
+    if word == w.DEFAULT_STYLE:
+        return [c for style, c in captions if style == w.DEFAULT_STYLE]
     pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
     found = [c for _, c in captions if pattern.search(c)]
     if not found or not word:
-        words = ", ".join((*world.SHAPES, *world.COLOURS, *world.STYLES))
-        raise PromptSetError(f"no toy caption contains {word!r} (prompt set {TOY_PREFIX}{word}); "
+        words = ", ".join((*w.SHAPES, *w.COLOURS, *w.STYLES))
+        prefix = TOY_PREFIX if world == 1 else TOY2_PREFIX
+        raise PromptSetError(f"no toy caption contains {word!r} (prompt set {prefix}{word}); "
                              f"use a shape, colour or style: {words}")
     return found
 

@@ -40,6 +40,14 @@ log = logging.getLogger("unlearn.evaluate")
 # for ranks that are not evaluating (under DDP, eval_every deadlocked on that).
 LOCAL = {"sync_on_compute": False}
 TOY_CLIP = Path(__file__).resolve().parent.parent / "toy" / "weights" / "clip"
+
+
+def toy_clip(clip) -> str:
+    """A built-in world's CLIP (`toy`, `toy2`) as its folder; any other path or id as is."""
+    from unlearn.toy import built_in
+
+    folder = built_in(clip)
+    return str(folder / "clip") if folder is not None else clip
 PROMPT_SOURCES = ("anchor_set", "templates")
 FID_FEATURES = ("clip", "inception")
 
@@ -56,7 +64,7 @@ class Evaluator:
         self.model_cfg = model_cfg
         self.out_dir = Path(out_dir)
         clip = clip or model_cfg.get("clip", "toy")
-        self.clip_source = str(TOY_CLIP) if clip == "toy" else clip
+        self.clip_source = toy_clip(clip)
         self.settings = {"prompts": prompts, "num_prompts": num_prompts, "images_per_prompt": images_per_prompt,
                          "seed": seed, "cs_convention": cs_convention, "fid_feature": fid_feature,
                          "clip": self.clip_source, "sample_steps": model_cfg.sample_steps,
@@ -202,6 +210,12 @@ class Evaluator:
             cs = CLIPScore(enc, convention=self.settings["cs_convention"], **LOCAL)
             cs.update(images, self.implicit)
             per_concept["implicit"] = {"cs": cs.compute().item()}
+            read = [i for i, ca in enumerate(self.concept.implicit_ca) if ca is not None]
+            if read:  # the prompts that say which captions their images are read between
+                ca = CLIPAccuracy(enc, **LOCAL)
+                ca.update(images[read], [self.concept.implicit_ca[i][0] for i in read],
+                          [self.concept.implicit_ca[i][1] for i in read])
+                per_concept["implicit"]["ca"] = 100 * ca.compute().item()
         if self.i2p is not None and "@" not in label:  # not for the intermediate `<method>@N` rows
             self.i2p.measure(label, components, unet, steps=self.settings["sample_steps"],
                              guidance_scale=self.settings["guidance_scale"])

@@ -53,10 +53,11 @@ class Components:
 
 
 def resolve_path(path: str | os.PathLike) -> str:
-    """`toy` names the built-in model; an existing folder is used as is; anything else is taken for a hub id."""
-    if str(path) == "toy":
-        return str(TOY_PIPELINE)
-    return str(path)
+    """`toy` / `toy2` name the built-in models; an existing folder is used as is; anything else is a hub id."""
+    from unlearn.toy import built_in
+
+    folder = built_in(path)
+    return str(folder / "pipeline") if folder is not None else str(path)
 
 
 def _looks_local(path: str) -> bool:

@@ -42,6 +42,8 @@ class Budget:
     unet_batch: int = 32
 
 
+# v2's CLIP needs twice v1's steps to read shapes (90 % at 2,400 against 76 % at 1,200: docs/toy_world_v2.md).
+BUDGETS = {"v1": Budget(), "v2": Budget(clip_steps=2400)}
 QUICK = Budget(clip_steps=20, vae_steps=20, unet_steps=20, bank=256, clip_batch=32, vae_batch=16, unet_batch=8)
 
 
@@ -337,7 +339,7 @@ def main(argv=None) -> None:
     if a.out is None and a.world != "v1":
         print(f"--world {a.world} needs --out (the shipped weights in {WEIGHTS} are v1's)", file=sys.stderr)
         raise SystemExit(2)
-    budget = QUICK if a.quick else Budget()
+    budget = QUICK if a.quick else BUDGETS[a.world]
     for f in Budget.__dataclass_fields__:
         if getattr(a, f) is not None:
             setattr(budget, f, getattr(a, f))

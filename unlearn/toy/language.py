@@ -311,6 +311,21 @@ def implicit_prompts(concept: str) -> list[str]:
     return out
 
 
+def implicit_reading(prompt: str, concept: str) -> tuple[str, str]:
+    """The two plainest captions CA reads an implicit prompt's image between: its meaning with the concept, and with
+    the concept's anchor in its place ("a red hoop" -> "a red ring" / "a red circle")."""
+    from dataclasses import replace
+
+    meant = meaning_of(prompt)
+    if meant is None or meant.right is not None:
+        raise ValueError(f"{prompt!r} does not name one object")
+    attribute = "shape" if concept in SHAPES else "style"
+    if getattr(meant.left, attribute) != concept:
+        raise ValueError(f"{prompt!r} does not mean {concept!r}")
+    swapped = replace(meant.left, **{attribute: ANCHORS[concept]})
+    return canonical(meant), canonical(Scene(swapped))
+
+
 def own_words(concept: str) -> set[str]:
     """The concept's name and forms of it, every place they occur (nouns, adjectives)."""
     tables = (SHAPE_WORDS, STYLE_ADJECTIVES, STYLE_NOUNS)

@@ -30,3 +30,16 @@ def test_distill_erases_and_preserves(tmp_path, shared_cache, loss, steps):
     payload = train_and_measure(tmp_path, shared_cache, "concept=toy_stripes", "experiment=toy_distill",
                                 f"method.loss={loss}", f"method.steps={steps}")
     assert_erased_and_kept(payload, "distill")
+
+
+def test_cdc_cpg_as_a_lora_erases_and_preserves(tmp_path, shared_cache):
+    """A rank-4 LoRA (method.adapter=lora) instead of the full weights: 100 iterations at 30x the full run's lr."""
+    from unlearn.methods.adapters import LORA_FILE
+
+    payload = train_and_measure(tmp_path, shared_cache, "concept=toy_stripes", "experiment=toy_cdc_cpg",
+                                "method.adapter=lora", "method.lr=3e-3", "method.steps=100",
+                                "method.warmup_steps=20", "export=both")
+    assert_erased_and_kept(payload, "cdc_cpg_tuned")
+    lora = tmp_path / "run" / LORA_FILE
+    unet = tmp_path / "run" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert lora.exists() and lora.stat().st_size < unet.stat().st_size / 10

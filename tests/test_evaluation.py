@@ -27,6 +27,8 @@ def test_table_layout_and_arrows():
     table = format_table(res, "t").splitlines()
     assert table[0].startswith("| model | t CS↓ | t CA↓ | t FID↑ | n CS↑ | n CA↑ | n FID↓")
     assert table[3].split(" | ")[3] == "5.00" and "–" in table[2]
+    res["original"]["implicit"] = {"cs": 69.0, "ca": 90.0}  # erased like the target: its arrows are the target's
+    assert format_table(res, "t").splitlines()[0].endswith("| implicit CS↓ | implicit CA↓ | implicit FID↑ |")
 
 
 def test_measure_report_and_wandb_offline(tmp_path, tiny_pipeline_path, monkeypatch):

@@ -8,6 +8,7 @@ from unlearn.utils.files import write_csv_atomic
 
 # (metric key, column title, arrow shown for the *target* concept; neighbours want the opposite for CS/CA).
 COLUMNS = (("cs", "CS"), ("ca", "CA"), ("fid", "FID"), ("directional", "dCLIP"))
+IMPLICIT = "implicit"  # the evaluator's row for a concept's implicit prompts
 
 
 def _arrow(metric: str, is_target: bool) -> str:
@@ -28,7 +29,9 @@ def table_rows(results: dict, target: str, half_widths: dict | None = None) -> t
                 concepts.append(c)
     concepts.sort(key=lambda c: c != target)
     metrics = [m for m, _ in COLUMNS if any(m in results[l].get(c, {}) for l in results for c in concepts)]
-    header = ["model"] + [f"{c} {dict(COLUMNS)[m]}{_arrow(m, c == target)}" for c in concepts for m in metrics]
+    # Implicit prompts show the target without naming it: erased too, so their arrows are the target's.
+    header = ["model"] + [f"{c} {dict(COLUMNS)[m]}{_arrow(m, c in (target, IMPLICIT))}"
+                          for c in concepts for m in metrics]
     rows = []
     for label, per_model in results.items():
         row = [label]

@@ -32,6 +32,7 @@ def test_distill_erases_and_preserves(tmp_path, shared_cache, loss, steps):
     assert_erased_and_kept(payload, "distill")
 
 
+@pytest.mark.extended  # ~40 s more on 2 cores: `make test-extended`, so that `make test` stays within 10 min
 def test_cdc_cpg_as_a_lora_erases_and_preserves(tmp_path, shared_cache):
     """A rank-4 LoRA (method.adapter=lora) instead of the full weights: 100 iterations at 30x the full run's lr."""
     from unlearn.methods.adapters import LORA_FILE

@@ -39,9 +39,6 @@ log = logging.getLogger("unlearn.evaluate")
 # Rank 0 alone evaluates (train.run, EvaluateEvery): a metric that gathered across ranks on compute() would wait
 # for ranks that are not evaluating (under DDP, eval_every deadlocked on that).
 LOCAL = {"sync_on_compute": False}
-TOY_CLIP = Path(__file__).resolve().parent.parent / "toy" / "weights" / "clip"
-
-
 def toy_clip(clip) -> str:
     """A built-in world's CLIP (`toy`, `toy2`) as its folder; any other path or id as is."""
     from unlearn.toy import built_in

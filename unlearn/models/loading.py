@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-TOY_PIPELINE = Path(__file__).resolve().parent.parent / "toy" / "weights" / "pipeline"
+TOY_PIPELINE = Path(__file__).resolve().parent.parent / "toy" / "weights" / "pipeline"  # = BUILT_IN["toy"] / "pipeline"
 
 
 class ModelLoadError(RuntimeError):

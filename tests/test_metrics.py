@@ -18,6 +18,7 @@ from unlearn.metrics import (
     CLIPAccuracy,
     ClipEncoder,
     CLIPScore,
+    CLIPTopOne,
     DirectionalCLIP,
     NudeNetCounter,
     expand,
@@ -199,6 +200,32 @@ def test_clip_accuracy_known_share():
     assert m.compute().item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="anchor_texts"):
         m.update(emb, "target", ["anchor"] * 3)
+
+
+def test_clip_top1_against_an_argmax_by_hand(encoder):
+    fake = FakeEncoder({"ring": [1.0, 0.0, 0.0], "circle": [0.0, 1.0, 0.0], "cross": [0.0, 0.0, 1.0]})
+    # own text wins / anchor wins / a third class wins (binary CA would call it the target) / a tie with a rival
+    emb = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0], [0.4, 0.1, 0.8], [0.5, 0.0, 0.5]])
+    m = CLIPTopOne(fake)
+    m.update(emb, "ring", [["circle", "cross"]] * 4)
+    assert m.compute().item() == pytest.approx(0.25)
+    binary = CLIPAccuracy(fake)
+    binary.update(emb, "ring", "circle")
+    assert binary.compute().item() == pytest.approx(0.75)  # the third image counts as a ring there
+    with pytest.raises(ValueError, match="rivals"):
+        m.update(emb, "ring", [["circle"]] * 3)
+    with pytest.raises(ValueError, match="rivals"):
+        m.update(emb, "ring", [["circle"], [], ["circle"], ["circle"]])
+
+    x = images(5, seed=6)  # the real encoder, ragged rival lists, against cosine argmax by hand
+    own = ["a cat", "a dog", "a painting", "the person", "a cat"]
+    rivals = [["a dog"], ["a cat", "a painting"], ["a cat", "a dog", "the person"], ["a cat"], ["a painting"]]
+    m = CLIPTopOne(encoder)
+    m.update(x, own, rivals)
+    img = encoder.image_features(x)
+    want = [float((img[i] @ encoder.text_features([own[i]])[0]) > (encoder.text_features(r) @ img[i]).max())
+            for i, r in enumerate(rivals)]
+    assert m.compute().item() == pytest.approx(sum(want) / 5)
 
 
 def test_directional_known_value_and_sign_flip(encoder):

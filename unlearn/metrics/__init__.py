@@ -1,6 +1,6 @@
 """Evaluation metrics: CLIP score / accuracy / directional score, CLIP-feature FID, NudeNet counts, prompt sets."""
 
-from unlearn.metrics.clip_metrics import CLIPAccuracy, CLIPScore, DirectionalCLIP
+from unlearn.metrics.clip_metrics import CLIPAccuracy, CLIPScore, CLIPTopOne, DirectionalCLIP
 from unlearn.metrics.clip_model import ClipEncoder, PreprocessSettings, load_preprocess_settings
 from unlearn.metrics.fid import ClipFeatureExtractor, make_fid
 from unlearn.metrics.i2p import I2P_SAMPLE, I2PPrompt, read_i2p
@@ -13,6 +13,7 @@ __all__ = [
     "IMAGENET_TEMPLATES",
     "CLIPAccuracy",
     "CLIPScore",
+    "CLIPTopOne",
     "ClipEncoder",
     "ClipFeatureExtractor",
     "DirectionalCLIP",

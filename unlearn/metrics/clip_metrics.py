@@ -8,6 +8,9 @@ All three take one shared `ClipEncoder`, so a suite of metrics loads CLIP once. 
   torchmetrics' own CLIPScore computes: max(mean(100 * cos), 0), the clamp applied once, after averaging.
 - `CLIPAccuracy`: share of images closer to the target text than to the anchor text (Concept Ablation's
   binary CLIP accuracy; after erasure, lower is better on target prompts and higher on anchors).
+- `CLIPTopOne`: share of images closer to their own text than to every rival text (a zero-shot classifier over
+  the concept's classes, as ESD reads erasure with a classifier: an image that shows neither the target nor the
+  anchor, which the binary accuracy may still call the target, counts as erased here).
 - `DirectionalCLIP`: mean cos(E_I(after) - E_I(before), E_T(anchor) - E_T(target)) over image pairs made
   with the same prompt and seed: does the edit move images the way the text says it should?
 """
@@ -84,6 +87,22 @@ class CLIPAccuracy(_ClipMetric):
         anchor = self.encoder.text_features(broadcast_texts(anchor_texts, n, "anchor_texts"))
         # Strictly greater: a tie does not count as showing the target.
         self._accumulate(((img * target).sum(-1) > (img * anchor).sum(-1)).double())
+
+
+class CLIPTopOne(_ClipMetric):
+    higher_is_better = None  # as CLIPAccuracy: lower on target prompts after erasure, higher on neighbours
+
+    def update(self, images: Tensor, texts: str | Sequence[str], rivals: Sequence[Sequence[str]]) -> None:
+        """rivals[i]: image i's competing captions (any number, at least one); ties do not count as its own."""
+        img = self.encoder.image_features(images)
+        n = img.shape[0]
+        own = self.encoder.text_features(broadcast_texts(texts, n, "texts"))
+        if len(rivals) != n or not all(len(r) for r in rivals):
+            raise ValueError(f"rivals: expected a non-empty list of captions per image ({n}), got {len(rivals)}")
+        flat = self.encoder.text_features([c for r in rivals for c in r])
+        scores = (flat * img.repeat_interleave(torch.tensor([len(r) for r in rivals], device=img.device), 0)).sum(-1)
+        best = torch.stack([s.max() for s in scores.split([len(r) for r in rivals])])
+        self._accumulate(((img * own).sum(-1) > best).double())
 
 
 class DirectionalCLIP(_ClipMetric):

@@ -66,6 +66,26 @@ def test_malformed_concept_is_named():
         load_concept(raw)
 
 
+def test_classes_are_optional_words_and_give_the_top1_rivals():
+    from unlearn.data.concepts import rival_captions
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "snoopy.yaml"))
+    assert "classes" not in raw and load_concept(raw).classes == []
+    for bad in ("ring", ["ring", ""], [1]):
+        with pytest.raises(ConceptError, match="classes must be a list"):
+            load_concept({**raw, "classes": bad})
+    ring = load_concept("toy_ring")
+    assert ring.classes == ["circle", "ring", "square", "diamond", "triangle", "cross"]
+    # the anchor first, then each class swapped in for the whole word only; the prompt itself left out
+    assert rival_captions("a red circle", "a red ring", "ring", ring.classes) == [
+        "a red circle", "a red square", "a red diamond", "a red triangle", "a red cross"]
+    assert rival_captions("a plain ring", "a ring of rings", "ring", ["cross"]) == ["a plain ring", "a cross of rings"]
+    style = load_concept("toy_stripes")
+    anchor, target = style.pairs(1)[0]
+    assert rival_captions(anchor, target, "stripes", style.classes) == [
+        anchor, *(f"{anchor} in the style of {s}" for s in ("checker", "night", "frame"))]
+
+
 @pytest.mark.parametrize("name", ["dog", "mouse", "cat", "robot", "sponge", "clothed_person"])
 def test_instance_sets_hold_the_anchor_word_in_every_prompt(name):
     prompts = load_prompt_set(name)

@@ -19,6 +19,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf" / "concept"
 KINDS = ("style", "instance", "nudity")
 DERIVE_KEYS = ("mode", "suffix", "word", "replacement")
 SCHEMA_EXTRAS = ("conf_dir", "implicit_ca")  # Concept fields filled by the loader, not keys of the YAML
+OPTIONAL = ("classes",)  # keys a concept YAML may leave out
 
 
 class ConceptError(ValueError):
@@ -35,6 +36,9 @@ class Concept:
     derive: dict  # {mode, suffix, word, replacement}: the keyword arguments of derive_target_prompts
     neighbours: list[str]
     implicit_prompts: list[str]
+    # Words the target's word may be read as (the world's other shapes or styles): the evaluator's top-1 reads
+    # each image against its prompt with the word swapped for each of them, and against the anchor prompt.
+    classes: list[str] = field(default_factory=list)
     conf_dir: Path = field(default=CONF_DIR, repr=False, compare=False)
     implicit_ca: list = field(default_factory=list, repr=False)  # per implicit prompt: (target, anchor) or None
 
@@ -84,7 +88,7 @@ def _validate(raw: dict, source: str, conf_dir: Path) -> Concept:
     if not isinstance(raw, dict):
         raise ConceptError(f"{source}: expected a mapping, got {type(raw).__name__}")
     expected = [f.name for f in fields(Concept) if f.name not in SCHEMA_EXTRAS]
-    missing = [k for k in expected if k not in raw]
+    missing = [k for k in expected if k not in raw and k not in OPTIONAL]
     extra = [k for k in raw if k not in expected]
     if missing or extra:
         raise ConceptError(f"{source}: missing keys {missing}, unknown keys {extra} (schema: {expected})")
@@ -99,13 +103,17 @@ def _validate(raw: dict, source: str, conf_dir: Path) -> Concept:
         raise ConceptError(f"{source}: derive mode suffix needs `suffix`")
     if derive["mode"] == "replace" and not (derive["word"] and derive["replacement"]):
         raise ConceptError(f"{source}: derive mode replace needs `word` and `replacement`")
-    for key in ("neighbours", "implicit_prompts"):
+    raw.setdefault("classes", [])
+    for key in ("neighbours", "implicit_prompts", "classes"):
         if not isinstance(raw[key], list):
             raise ConceptError(f"{source}: {key} must be a list, got {raw[key]!r}")
+    if not all(isinstance(c, str) and c.strip() for c in raw["classes"]):
+        raise ConceptError(f"{source}: classes must be a list of words, got {raw['classes']!r}")
     implicit = [_implicit_entry(e, source) for e in raw["implicit_prompts"]]
     return Concept(name=str(raw["name"]), kind=raw["kind"], anchor=str(raw["anchor"]),
                    target=str(raw["target"]), anchor_prompts=str(raw["anchor_prompts"]), derive=derive,
                    neighbours=[str(n) for n in raw["neighbours"]], implicit_prompts=[p for p, _ in implicit],
+                   classes=[str(c) for c in raw["classes"]],
                    conf_dir=conf_dir, implicit_ca=[ca for _, ca in implicit])
 
 
@@ -119,3 +127,13 @@ def _implicit_entry(entry, source: str) -> tuple[str, tuple[str, str] | None]:
                                f"{{prompt, ca: [target caption, anchor caption]}}")
         return str(entry["prompt"]), (ca[0], ca[1])
     return str(entry), None
+
+
+def rival_captions(anchor_prompt: str, target_prompt: str, word: str, classes: list[str]) -> list[str]:
+    """The captions a target prompt's image competes with in the top-1 reading: the anchor prompt, and the target
+    prompt with `word` (whole words only) swapped for each class; the prompt itself and repeats are left out."""
+    import re
+
+    pattern = re.compile(rf"\b{re.escape(word)}\b")
+    out = [anchor_prompt] + [pattern.sub(c, target_prompt) for c in classes]
+    return [c for c in dict.fromkeys(out) if c != target_prompt]

@@ -27,6 +27,9 @@ def test_table_layout_and_arrows():
     table = format_table(res, "t").splitlines()
     assert table[0].startswith("| model | t CS↓ | t CA↓ | t FID↑ | n CS↑ | n CA↑ | n FID↓")
     assert table[3].split(" | ")[3] == "5.00" and "–" in table[2]
+    res["m"]["t"]["top1"] = 0.0  # after CA, with CA's arrows
+    assert format_table(res, "t").splitlines()[0].startswith("| model | t CS↓ | t CA↓ | t top-1↓ | t FID↑ | n CS↑ |")
+    del res["m"]["t"]["top1"]
     res["original"]["implicit"] = {"cs": 69.0, "ca": 90.0}  # erased like the target: its arrows are the target's
     assert format_table(res, "t").splitlines()[0].endswith("| implicit CS↓ | implicit CA↓ | implicit FID↑ |")
 
@@ -106,3 +109,25 @@ def test_implicit_prompts_with_captions_are_read_by_ca_and_plain_ones_only_by_cs
     raw["implicit_prompts"] = ["a red hoop", "a ring"]  # no captions: CS only, as for a real concept's titles
     plain = Evaluator(raw, MODEL, tmp_path / "plain", num_prompts=2, images_per_prompt=2, neighbours=False)
     assert "ca" not in plain.measure("original", load_components(str(tiny_pipeline_path)))["implicit"]
+
+
+def test_top1_reads_each_image_against_the_anchor_and_every_class(tmp_path, tiny_pipeline_path):
+    from safetensors.torch import load_file
+
+    from unlearn.data.concepts import load_concept
+
+    raw = load_concept("toy_ring").to_dict()
+    ev = Evaluator(raw, MODEL, tmp_path, num_prompts=3, images_per_prompt=2, neighbours=False, implicit=False)
+    row = ev.measure("original", load_components(str(tiny_pipeline_path)))["toy_ring"]
+    images = load_file(tmp_path / "images" / "original" / "toy_ring.safetensors")["images"]
+    enc, pairs = ev.encoder, [p for p in ev.concept.pairs(3) for _ in range(2)]
+    hits = []
+    for image, (anchor, target) in zip(enc.image_features(images), pairs):
+        shapes = [target.replace(" ring", f" {s}") for s in ("circle", "square", "diamond", "triangle", "cross")]
+        own, rivals = enc.text_features([target])[0], enc.text_features([anchor, *shapes])
+        hits.append(float(image @ own > (rivals @ image).max()))
+    assert row["top1"] == pytest.approx(100 * sum(hits) / len(hits))
+    raw["classes"] = []  # no classes: no top-1 column
+    plain = Evaluator(raw, MODEL, tmp_path / "plain", num_prompts=3, images_per_prompt=2, neighbours=False,
+                      implicit=False)
+    assert "top1" not in plain.measure("original", load_components(str(tiny_pipeline_path)))["toy_ring"]

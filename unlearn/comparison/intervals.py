@@ -55,8 +55,11 @@ def overlap(a: tuple[float, float | None], b: tuple[float, float | None]) -> boo
 
 
 def separations(per_method: dict[str, list[dict]], target: str) -> list[dict]:
-    """For every pair of methods: do their intervals separate on the target's CA and on the neighbours' mean CA?"""
+    """For every pair of methods: do their intervals separate on the target's CA, on the neighbours' mean CA and,
+    where every run has it, on the target's top-1?"""
     measures = {"target CA": lambda r: r[target]["ca"], "neighbours' mean CA": lambda r: neighbour_mean_ca(r, target)}
+    if all("top1" in r[target] for runs in per_method.values() for r in runs):
+        measures["target top-1"] = lambda r: r[target]["top1"]
     out = []
     for a, b in combinations(per_method, 2):
         for name, read in measures.items():

@@ -9,6 +9,9 @@ Images come from the target prompts with fixed seeds, so the same (prompt, seed)
   measure is NudeNet on I2P (i2p_eval.py): the score of an image against "a nude ..." prompt is prompt alignment,
   which a clothed image of the same scene nearly keeps, not an amount of nudity;
 - CA: share of images closer to the target prompt than to its anchor prompt;
+- top-1 (concepts that list `classes`): share of images closer to their own prompt than to the anchor prompt and
+  to every prompt with the concept's word swapped for another class; unlike CA it counts an image that shows
+  something else altogether (what anchor-free methods such as ESD and SPM draw) as erased;
 - FID: unlearned vs original images of the same prompts and seeds (features named in the output);
 - dCLIP: directional CLIP of the (before -> after) image edit against the (target -> anchor) text direction.
 Implicit prompts (e.g. "The Starry Night") get CS only (none for nudity). Every setting is written next to the
@@ -24,10 +27,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from unlearn.data.concepts import load_concept
+from unlearn.data.concepts import load_concept, rival_captions
 from unlearn.data.derive import derive_target_prompts
 from unlearn.evaluation.table import format_table, write_csv
-from unlearn.metrics import CLIPAccuracy, CLIPScore, DirectionalCLIP
+from unlearn.metrics import CLIPAccuracy, CLIPScore, CLIPTopOne, DirectionalCLIP
 from unlearn.metrics.clip_model import ClipEncoder
 from unlearn.metrics.fid import make_fid
 from unlearn.metrics.templates import IMAGENET_TEMPLATES, expand
@@ -189,6 +192,11 @@ class Evaluator:
             cs.update(images, targets)
             ca.update(images, targets, anchors)
             row = {"cs": cs.compute().item(), "ca": 100 * ca.compute().item()}
+            if concept.classes:
+                top1 = CLIPTopOne(enc, **LOCAL)
+                top1.update(images, targets, [rival_captions(a, t, concept.target, concept.classes)
+                                              for a, t in zip(anchors, targets)])
+                row["top1"] = 100 * top1.compute().item()
             if self.concept.kind == "nudity":  # CA stays: zero-shot CLIP, "nude ..." against "clothed ..."
                 del row["cs"]
             if original is not None and label != "original":

@@ -7,7 +7,7 @@ from pathlib import Path
 from unlearn.utils.files import write_csv_atomic
 
 # (metric key, column title, arrow shown for the *target* concept; neighbours want the opposite for CS/CA).
-COLUMNS = (("cs", "CS"), ("ca", "CA"), ("fid", "FID"), ("directional", "dCLIP"))
+COLUMNS = (("cs", "CS"), ("ca", "CA"), ("top1", "top-1"), ("fid", "FID"), ("directional", "dCLIP"))
 IMPLICIT = "implicit"  # the evaluator's row for a concept's implicit prompts
 
 

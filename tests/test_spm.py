@@ -227,6 +227,22 @@ def test_training_moves_only_the_adapter(components, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in components.unet.state_dict().items())
 
 
+@pytest.mark.parametrize("source", ["concept_text", "target_prompts"])
+def test_prompt_source_picks_the_prompt_of_x_t_and_of_the_erase_target(components, monkeypatch, source):
+    module = SPM(components, steps=1, concept_target="ring", prompt_source=source, base=BASE)
+    target_emb = torch.randn(1, *module.concept_emb.shape[1:])
+    seen = {}
+    monkeypatch.setattr(module, "sample_latents", lambda c, shape: (seen.setdefault("x", c),
+                                                                    (torch.zeros(shape), torch.tensor([1])))[1])
+    monkeypatch.setattr(module, "losses", lambda x_t, t, c, a: seen.setdefault("loss", c) is None or
+                        {"loss": torch.zeros((), requires_grad=True), "erase": 0.0, "anchoring": 0.0})
+    monkeypatch.setattr(module, "advance", lambda: None)
+    monkeypatch.setattr(module, "track", lambda *a, **k: None)
+    module.training_step({"latents": torch.randn(1, 4, 8, 8), "target_emb": target_emb}, 0)
+    want = target_emb if source == "target_prompts" else module.concept_emb
+    assert torch.equal(seen["x"], want) and torch.equal(seen["loss"], want)
+
+
 # ------------------------------------------------------------------------------------------------ the file
 def test_adapter_file_reloads_with_transport_and_refuses_another_base(components, tiny_pipeline_path, tmp_path):
     module = SPM(components, steps=1, concept_target="ring", base={**BASE, "path": str(tiny_pipeline_path)})
@@ -277,3 +293,17 @@ def test_bad_spm_values_named(override, key):
     with pytest.raises(ConfigError) as e:
         validate(compose_train("experiment=toy_spm", "concept=toy_ring", override))
     assert key in {p.key for p in e.value.problems}
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_spm_erases_the_toy_ring_by_top1_and_keeps_every_neighbour(tmp_path, shared_cache):
+    """The toy recipe, with 8 anchor images and 12 evaluation prompts. Erased is read by top-1 over the world's
+    shapes, not by the binary CA: SPM's erased rings are neither rings nor the anchor's circles (toy_spm.yaml)."""
+    from toy_helpers import assert_erased_and_kept, train_and_measure
+
+    payload = train_and_measure(tmp_path, shared_cache, "experiment=toy_spm", "concept=toy_ring",
+                                "data.num_prompts=8", "data.images_per_prompt=1")
+    before, after = payload["results"]["original"]["toy_ring"], payload["results"]["spm"]["toy_ring"]
+    assert after["cs"] <= 0.5 * before["cs"], (before, after)
+    assert_erased_and_kept(payload, "spm", by="top1")

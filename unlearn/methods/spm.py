@@ -31,6 +31,9 @@ from unlearn.models.sampling import sample_until
 # sample() lays out [u, s1, u, s2, u, s3, u, s4] and predict_noise's chunk(2) keeps the "text" half [u, s3, u, s4]:
 # the empty prompt twice and two of the four surrogates.
 ANCHOR_ROWS = ("all", "released")
+# The prompt whose x_t and erase target train the adapter: the concept prompt (train_spm.py), or the batch's target
+# prompts (as ESD's default here), which reach the concept in every context the data covers.
+PROMPT_SOURCES = ("concept_text", "target_prompts")
 
 
 def sample_surrogates(target: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -68,11 +71,13 @@ class SPM(UnlearnModule):
                  weight_decay: float = 1e-2, warmup_steps: int = 500, cycles: int = 3, rank: int = 1,
                  alpha: float = 1.0, sample_steps: int = 30, guidance_scale: float = 3.0,
                  negative_guidance: float = 1.0, anchor_weight: float = 1000.0, surrogates: int = 4,
-                 anchor_rows: str = "all", concept_text: str | list[str] | None = None,
+                 anchor_rows: str = "all", prompt_source: str = "concept_text", concept_text: str | list[str] | None = None,
                  concept_target: str | list[str] | None = None, base: dict | None = None,
                  batch_size: int | None = 1, max_grad_norm: float | None = None, log_every: int = 10):
         if anchor_rows not in ANCHOR_ROWS:
             raise ValueError(f"unknown anchor_rows={anchor_rows!r}; choose one of {ANCHOR_ROWS}")
+        if prompt_source not in PROMPT_SOURCES:
+            raise ValueError(f"unknown prompt_source={prompt_source!r}; choose one of {PROMPT_SOURCES}")
         super().__init__(components, name, steps, trainable="all", frozen_copy=False, log_every=log_every)
         self.save_hyperparameters(ignore=["components"])
         # Only the adapter trains; the base UNet is the adapter-off model, so no frozen copy is needed.
@@ -116,6 +121,7 @@ class SPM(UnlearnModule):
         out += number("method.weight_decay", m.get("weight_decay"), 0)
         out += number("method.batch_size", m.get("batch_size"), 1, integer=True, optional=True)
         out += choice("method.anchor_rows", m.get("anchor_rows"), ANCHOR_ROWS)
+        out += choice("method.prompt_source", m.get("prompt_source", "concept_text"), PROMPT_SOURCES)
         if m.get("anchor_rows") == "released" and isinstance(m.get("surrogates"), int) and m["surrogates"] % 2:
             out.append(Problem("method.surrogates", m["surrogates"], "an even number with anchor_rows=released "
                                "(its batch keeps the second half of [u, s1, u, s2, ...])"))
@@ -196,7 +202,10 @@ class SPM(UnlearnModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
         batch = first_samples(batch, self.hparams.batch_size)
-        c = self.concept_emb.to(self.unet.dtype).expand(batch["latents"].shape[0], -1, -1)
+        if self.hparams.prompt_source == "target_prompts":
+            c = batch["target_emb"].to(self.unet.dtype)
+        else:
+            c = self.concept_emb.to(self.unet.dtype).expand(batch["latents"].shape[0], -1, -1)
         x_t, t = self.sample_latents(c, batch["latents"].shape)
         out = self.losses(x_t, t, c, self.surrogate_embeddings(c))
         self.track({"train/loss": out["loss"], "train/erase": out["erase"], "train/anchoring": out["anchoring"]},

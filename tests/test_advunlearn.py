@@ -290,3 +290,19 @@ def test_advunlearn_runs_through_train_on_the_sd14_path(tmp_path, tiny_pipeline_
     changed = {k for k in te0 if not torch.equal(te[k], te0[k])}
     assert changed and not any("embeddings" in k for k in changed) and any("final_layer_norm" in k for k in changed)
     assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in out.unet.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+@pytest.mark.extended  # 300 iterations with the inner attack: ~4 min on 2 cores, so `make test-extended`
+@pytest.mark.skipif(not (TOY_PIPELINE / "unet").exists(), reason="toy weights not built")
+def test_advunlearn_erases_the_toy_ring_by_top1_and_keeps_every_neighbour(tmp_path, shared_cache):
+    """The toy recipe, with 8 anchor images (AdvUnlearn reads only their latent shape) and 12 evaluation prompts.
+    Erased is read by top-1, as for SPM: the erased rings are neither rings nor the anchor's circles."""
+    from toy_helpers import assert_erased_and_kept, train_and_measure
+
+    payload = train_and_measure(tmp_path, shared_cache, "experiment=toy_advunlearn", "concept=toy_ring",
+                                "data.num_prompts=8", "data.images_per_prompt=1")
+    before, after = payload["results"]["original"]["toy_ring"], payload["results"]["advunlearn"]["toy_ring"]
+    assert after["cs"] <= 0.8 * before["cs"], (before, after)
+    assert_erased_and_kept(payload, "advunlearn", by="top1")

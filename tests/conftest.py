@@ -70,7 +70,8 @@ def pytest_addoption(parser):
 
 
 # Rough minutes of the slow tests on one core, to deal them out evenly (unknown ones count 0.5).
-_SLOW_COST = {"test_e2e_toy": 3.0, "test_esd": 1.5, "test_resume": 1.0, "test_conabl": 0.6, "test_ddp": 0.5}
+_SLOW_COST = {"test_e2e_toy": 3.0, "test_esd": 1.5, "test_spm": 1.5, "test_advunlearn": 4.0, "test_resume": 1.0,
+              "test_conabl": 0.6, "test_ddp": 0.5}
 
 
 def _cost(item, extended: bool) -> float:
@@ -101,8 +102,9 @@ def pytest_collection_modifyitems(config, items):
         share.extend(fast[:take])
         del fast[:take]
     items[:] = [i for share in shares for i in share] + fast
-    # Extended runs repeat a method's end-to-end check on another concept or loss: minutes each on 2 cores, so
-    # `make test` leaves them to `make test-extended`, which runs them all.
+    # Extended runs repeat a method's end-to-end check on another concept or loss, or are one too costly for the
+    # suite's budget (AdvUnlearn's, with its inner attack): minutes each on 2 cores, so `make test` leaves them to
+    # `make test-extended`, which runs them all.
     if extended:
         return
     skip = pytest.mark.skip(reason="extended end-to-end run: make test-extended")
